@@ -1,0 +1,21 @@
+"""Exceptions raised by concept-exclusion. Every message says what was wrong and where."""
+
+
+class ConceptExclusionError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class PresetError(ConceptExclusionError):
+    """A preset file is unreadable or invalid; the message names the file and the key."""
+
+
+class SubspaceError(ConceptExclusionError):
+    """A concept subspace cannot be built, loaded or matched to a model."""
+
+
+class TargetError(ConceptExclusionError):
+    """A model has no usable targets, or a target cannot be protected exactly."""
+
+
+class SafetensorsFileError(ConceptExclusionError):
+    """A safetensors file is unreadable, malformed or lacks what is needed."""

@@ -1,0 +1,231 @@
+"""``ConceptExclusion``: attach the projection to a model, keep it exact, report what leaked.
+
+Guarantee in exact mode: after every optimizer step (registered on ``optimizer`` or called as
+``after_optimizer_step``), each constrained tensor satisfies its constraint to float precision:
+for key/value/pooled targets ``(W_eff - W_eff0) U = 0``, for the 'attention' set also
+``Q_k^T (W_q,eff - W_q,eff0) = 0`` and ``(W_o,eff - W_o,eff0) Q_v = 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import TargetError
+from .projector import GradientProjector, WeightProjector, _Constraint, constraint_value, project
+from .subspace import ConceptSubspace
+from .targets import Target, find_targets
+from .preset import MODES, Projection
+
+log = logging.getLogger(__name__)
+
+
+def _text_encoder_training(model: nn.Module, text_encoders: Sequence[nn.Module]) -> list[str]:
+    """Names of trainable text-encoder parts: given encoders, encoders inside ``model``, kohya TE LoRA modules."""
+    found = []
+    for i, enc in enumerate(text_encoders):
+        if any(p.requires_grad for p in enc.parameters()):
+            found.append(f"text_encoder[{i}]")
+    for name, m in model.named_modules():
+        is_encoder = type(m).__name__.startswith("CLIPTextModel") or type(m).__name__.startswith("T5Encoder")
+        is_te_lora = str(getattr(m, "lora_name", "")).startswith("lora_te")
+        if (is_encoder or is_te_lora) and any(p.requires_grad for p in m.parameters()):
+            found.append(name or type(m).__name__)
+    return found
+
+
+def _innermost_optimizer(optimizer):
+    """The torch optimizer under wrappers (accelerate's AcceleratedOptimizer, ...) whose step really runs."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 8 and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer
+
+
+class ConceptExclusion:
+    """The projection attached to one model. Build it with ``ConceptExclusion.attach``."""
+
+    def __init__(self, subspace: ConceptSubspace, targets: list[Target], mode: str, strength: float,
+                 target_sets: tuple[str, ...], reencode_every: int | None) -> None:
+        self.subspace = subspace
+        self.targets = targets
+        self.mode = mode
+        self.strength = strength
+        self.target_sets = target_sets
+        self.reencode_every = reencode_every
+        self.steps = 0
+        self._optimizer_handle = None
+        self._initial = {t.name: (t.param.detach().to("cpu", torch.float32, copy=True),
+                                  None if t.other is None else t.other.detach().to("cpu", torch.float32, copy=True))
+                         for t in targets}
+        self._build(project_now=(mode == "exact"))
+
+    # construction ---------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, model: nn.Module, subspace: ConceptSubspace, mode: str | None = None, *,
+               strength: float | None = None, targets: Iterable[str] | str | None = None, optimizer=None,
+               text_encoder: nn.Module | Sequence[nn.Module] | None = None,
+               allow_text_encoder_training: bool = False, reencode_every: int = 100,
+               base_model: nn.Module | None = None) -> "ConceptExclusion":
+        """Find the targets in ``model`` and start protecting them.
+
+        mode/strength/targets default to the preset's ``[projection]``. In exact mode, LoRA factors
+        are projected at once and full weights' constraint values are recorded now. ``optimizer``:
+        register the post-step work on it (else call ``after_optimizer_step`` yourself).
+        ``base_model``: the UNet a kohya-style network patches (needed for the 'attention' set).
+        """
+        defaults = subspace.preset.projection if subspace.preset is not None else Projection()
+        mode = mode or defaults.mode
+        if mode not in MODES:
+            raise TargetError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if strength is None:
+            strength = defaults.strength if mode == "gradient" else 1.0
+        if not 0.0 <= float(strength) <= 1.0:
+            raise TargetError(f"strength must be in [0, 1], got {strength}")
+        if mode == "exact" and strength != 1.0:
+            raise TargetError("strength applies to mode='gradient' only; exact mode always projects fully")
+        sets = (targets,) if isinstance(targets, str) else tuple(targets or defaults.targets)
+        encoders = [] if text_encoder is None else (
+            list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder])
+        training = _text_encoder_training(model, encoders)
+        if training and not allow_text_encoder_training:
+            raise TargetError(f"text encoder parameters require grad ({', '.join(training[:3])}): the concept's "
+                              f"embeddings would move and the exclusion would not hold; freeze the text encoder "
+                              f"or pass allow_text_encoder_training=True (approximate: re-encodes every "
+                              f"{reencode_every} steps)")
+        if training:
+            if not subspace.can_recompute:
+                raise TargetError("allow_text_encoder_training=True needs a subspace built from the text encoders "
+                                  "(from_text_encoder/from_text_encoders) so it can be re-encoded")
+            log.warning("text encoder is training: the concept is re-encoded every %d steps and the exclusion "
+                        "is approximate between re-encodings", reencode_every)
+        found = find_targets(model, subspace, sets, base_model=base_model)
+        self = cls(subspace, found, mode, float(strength), sets, reencode_every if training else None)
+        if optimizer is not None:
+            self.register_optimizer(optimizer)
+        log.info("concept exclusion attached: %d targets, mode=%s, ranks %s", len(found), mode,
+                 {s: subspace.rank(s) for s in subspace.bases})
+        return self
+
+    def _build(self, project_now: bool) -> None:
+        self._constraints = []
+        for t in self.targets:
+            basis = t.basis.to(t.param.device, torch.float32)
+            stored = constraint_value(t.param, basis, t.side) if t.kind == "full" else None
+            self._constraints.append(_Constraint(t, basis, stored))
+        self._grad = GradientProjector(self._constraints, self.strength)
+        self._weights = WeightProjector(self._constraints)
+        if project_now:
+            self._weights()
+
+    def register_optimizer(self, optimizer) -> None:
+        """Run ``after_optimizer_step`` after every real step of ``optimizer`` (skipped steps do nothing)."""
+        if self.mode != "exact" and self.reencode_every is None:
+            return
+        inner = _innermost_optimizer(optimizer)
+        if not hasattr(inner, "register_step_post_hook"):
+            raise TargetError(f"{type(inner).__name__} has no register_step_post_hook; call "
+                              f"exclusion.after_optimizer_step() after each optimizer step instead")
+        if self._optimizer_handle is not None:
+            self._optimizer_handle.remove()
+        self._optimizer_handle = inner.register_step_post_hook(lambda *_: self.after_optimizer_step())
+
+    # training-time work ---------------------------------------------------------------------
+    def after_optimizer_step(self) -> None:
+        """Exact mode: put every constrained tensor back on its constraint (cheap, no host sync)."""
+        self.steps += 1
+        if self.reencode_every and self.steps % self.reencode_every == 0:
+            self._reencode()
+        if self.mode == "exact":
+            self._weights()
+
+    def _reencode(self) -> None:
+        new = self.subspace.recompute()
+        log.info("re-encoded the concept after %d steps (ranks %s)", self.steps, {s: new.rank(s) for s in new.bases})
+        for t in self.targets:
+            if t.role in ("key", "value"):
+                t.basis = new.basis("context")
+            elif t.role == "pooled":
+                pooled = new.basis("pooled")
+                t.basis = torch.zeros(t.basis.shape[0], pooled.shape[1], dtype=torch.float64)
+                t.basis[:pooled.shape[0]] = pooled
+        self.subspace = new
+        self._grad.remove()
+        self._build(project_now=(self.mode == "exact"))
+
+    # reporting ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def leakage(self) -> dict[str, float]:
+        """Per target: ||constraint part of dW_eff|| / ||dW_eff|| since attach (0 when dW_eff is 0)."""
+        out = {}
+        for c in self._constraints:
+            delta = self._delta(c.target)
+            basis = c.basis.cpu()
+            norm = float(delta.norm())
+            part = delta @ basis if c.target.side == "input" else basis.T @ delta
+            out[c.target.name] = float(part.norm()) / norm if norm > 0 else 0.0
+        return out
+
+    def _delta(self, t: Target) -> torch.Tensor:
+        p0, o0 = self._initial[t.name]
+        p = t.param.detach().float().cpu()
+        if t.kind == "full":
+            return p - p0
+        o = t.other.detach().float().cpu()
+        if t.side == "input":  # param = down [r, in], other = up [out, r]
+            return o @ p - o0 @ p0
+        return p @ o - p0 @ o0  # param = up [out, r], other = down [r, in]
+
+    def max_leakage(self) -> float:
+        values = self.leakage().values()
+        return max(values) if values else 0.0
+
+    def metadata(self) -> dict[str, str]:
+        """String-only provenance for safetensors (``concept_exclusion.*`` keys)."""
+        from .metadata import exclusion_metadata
+
+        return exclusion_metadata(self)
+
+    # state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What resuming needs: attach-time constraint values and the snapshots leakage is measured from."""
+        state = {}
+        for c in self._constraints:
+            p0, o0 = self._initial[c.target.name]
+            state[f"initial.{c.target.name}"] = p0
+            if o0 is not None:
+                state[f"initial_other.{c.target.name}"] = o0
+            if c.stored is not None:
+                state[f"stored.{c.target.name}"] = c.stored.cpu()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the attach-time values saved by ``state_dict`` (shapes must match this model's targets)."""
+        for c in self._constraints:
+            name = c.target.name
+            key = f"initial.{name}"
+            if key not in state or state[key].shape != c.target.param.shape:
+                raise TargetError(f"exclusion state lacks a matching {key!r}")
+            other = state.get(f"initial_other.{name}")
+            self._initial[name] = (state[key].float().cpu(), None if other is None else other.float().cpu())
+            if c.stored is not None:
+                stored = state.get(f"stored.{name}")
+                if stored is None or stored.shape != c.stored.shape:
+                    raise TargetError(f"exclusion state lacks a matching 'stored.{name}'")
+                c.stored.copy_(stored.to(c.stored.device))
+        self._weights = WeightProjector(self._constraints)
+
+    def detach(self) -> None:
+        """Remove every hook this exclusion installed."""
+        self._grad.remove()
+        if self._optimizer_handle is not None:
+            self._optimizer_handle.remove()
+            self._optimizer_handle = None
+
+    def __repr__(self) -> str:
+        return (f"ConceptExclusion(mode={self.mode!r}, targets={len(self.targets)}, "
+                f"sets={list(self.target_sets)}, ranks={ {s: self.subspace.rank(s) for s in self.subspace.bases} })")

@@ -1,0 +1,112 @@
+"""Reading and writing files safely: safetensors only, validated before use, written atomically.
+
+Invariants: nothing here unpickles; a file is only ever visible under its final name complete
+(written to a temporary name in the same folder, flushed, then renamed); a malformed file
+raises ``SafetensorsFileError`` with one line naming the file and the fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import SafetensorsFileError
+
+MAX_HEADER_BYTES = 100_000_000
+_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
+           "U16", "U32", "U64"}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write ``tensors`` with string-only ``metadata``."""
+    from safetensors.torch import save_file
+
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise SafetensorsFileError(f"{path}: metadata values must be strings (key {bad[0]!r})")
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Validate a safetensors header; return (tensor entries, metadata). Reads no tensor data."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise SafetensorsFileError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise SafetensorsFileError(f"{path}: header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise SafetensorsFileError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+            raw = fh.read(n)
+    except OSError as exc:
+        raise SafetensorsFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsFileError(f"{path}: header is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFileError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsFileError(f"{path}: __metadata__ is not an object")
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise SafetensorsFileError(f"{path}: metadata value of {k!r} is not a string")
+    data_len = size - 8 - n
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES \
+                or not isinstance(entry.get("shape"), list) or not isinstance(entry.get("data_offsets"), list) \
+                or len(entry["data_offsets"]) != 2:
+            raise SafetensorsFileError(f"{path}: tensor {name!r} has a malformed header entry")
+        begin, end = entry["data_offsets"]
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+            raise SafetensorsFileError(f"{path}: tensor {name!r} lies outside the file's data")
+    return header, metadata
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor of a validated safetensors file on the CPU; return (tensors, metadata)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _, metadata = read_header(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise SafetensorsFileError(f"{path}: unreadable tensor data ({first})") from None
+    return tensors, metadata
