@@ -88,7 +88,8 @@ class TextEncoders:
             return out.hidden_states[-self.clip_skip]
         if self.clip_skip in (None, 1):
             return out.last_hidden_state
-        return enc.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+        text_model = getattr(enc, "text_model", enc)  # transformers 5 flattened CLIPTextModel
+        return text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
 
     def span(self, template: str, phrase: str) -> tuple[int, int]:
         """Token positions [start, end) that ``phrase`` occupies in ``template`` filled with it (after BOS)."""

@@ -89,3 +89,32 @@ def read_basis(metadata: dict[str, str], space: str = "context", source: str = "
 def ours(metadata: dict[str, str]) -> dict[str, str]:
     """Only the keys in our namespace."""
     return {k: v for k, v in metadata.items() if k.startswith(PREFIX)}
+
+
+_JSON_KEYS = ("ranks", "energy_kept", "targets", "leakage")
+
+
+def read_provenance(metadata: dict[str, str], source: str = "<metadata>") -> dict[str, object]:
+    """Our keys without the prefix, JSON-valued ones parsed; each basis summarised as its shape.
+
+    Empty for a file this project did not write. A malformed JSON value raises
+    ``SafetensorsFileError`` naming the key.
+    """
+    out: dict[str, object] = {}
+    for key, value in sorted(ours(metadata).items()):
+        name = key[len(PREFIX):]
+        if name.startswith("basis."):
+            space = name[len("basis."):]
+            out[f"basis.{space}"] = f"{metadata.get(PREFIX + 'basis_shape.' + space, '?')} float16, " \
+                                    f"{len(value)} base64 chars"
+            continue
+        if name.startswith("basis_shape."):
+            continue
+        if name in _JSON_KEYS:
+            try:
+                out[name] = json.loads(value)
+            except ValueError:
+                raise SafetensorsFileError(f"{source}: metadata {key} is not valid JSON") from None
+            continue
+        out[name] = value
+    return out

@@ -8,7 +8,11 @@ value back to the host, and leaves non-finite entries where they were without sp
 
 ``WeightProjector`` does exact mode's post-step work: it puts every constrained tensor back on
 its constraint surface (input side ``W U = S``, output side ``Q^T W = S``; ``S = 0`` for LoRA
-factors), small tensors of one shape together in one batched matmul.
+factors). LoRA factors that share a basis are concatenated and projected with one matmul pair;
+full weights are projected in place.
+
+Hot-path cost (see benchmarks/overhead.py): one ``nan_to_num`` pass, one small matmul and one
+fused ``addmm`` per gradient; no ``isfinite``/``where`` passes, no host-device synchronisation.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 
 from .targets import Target
 
-_BATCH_NUMEL = 1 << 20  # tensors up to this size are projected in stacked groups after each step
+_BATCH_NUMEL = 1 << 20  # tensors up to this size are projected in concatenated groups after each step
 
 
 def project(x: torch.Tensor, basis: torch.Tensor, side: str, strength: float | torch.Tensor = 1.0,
@@ -41,12 +45,28 @@ def project(x: torch.Tensor, basis: torch.Tensor, side: str, strength: float | t
     return x - strength * (basis @ inner)
 
 
+def project_grad(grad: torch.Tensor, basis: torch.Tensor, side: str, strength: float = 1.0) -> torch.Tensor:
+    """``grad`` projected in float32 and returned in its own dtype; non-finite entries stay where they are.
+
+    The correction ``s (clean U) U^T`` is computed from the gradient with non-finite entries zeroed,
+    so it is finite everywhere; subtracting it from the raw gradient leaves each inf/nan in place
+    (inf - finite = inf) and every finite entry equal to the projection of the cleaned gradient.
+    That is one elementwise pass (``nan_to_num``) instead of ``isfinite`` + two ``where`` passes.
+    """
+    g = grad if grad.dtype == torch.float32 else grad.float()
+    clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    if side == "input":  # [out, in] @ [in, k] -> [out, k]; g - s * inner @ U^T in one addmm
+        out = torch.addmm(g, clean @ basis, basis.T, alpha=-strength)
+    else:  # U [out, k] @ (U^T g) [k, in]
+        out = torch.addmm(g, basis, basis.T @ clean, alpha=-strength)
+    return out if out.dtype == grad.dtype else out.to(grad.dtype)
+
+
 def _grad_hook(basis: torch.Tensor, side: str, strength: float):
+    strength = float(strength)
+
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        finite = torch.isfinite(grad)
-        clean = torch.where(finite, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).float()
-        out = project(clean, basis, side, strength)
-        return torch.where(finite, out.to(grad.dtype), grad)
+        return project_grad(grad, basis, side, strength)
 
     return hook
 
@@ -54,16 +74,21 @@ def _grad_hook(basis: torch.Tensor, side: str, strength: float):
 @dataclass
 class _Constraint:
     target: Target
-    basis: torch.Tensor  # float32 on the parameter's device
+    basis: torch.Tensor  # float32 on the parameter's device (shared by targets with the same basis)
     stored: torch.Tensor | None  # full weights: float32 constraint value at attach time
 
 
 class GradientProjector:
-    """Tensor hooks that project each constrained parameter's gradient (strength 1 in exact mode)."""
+    """Tensor hooks that project each constrained parameter's gradient (strength 1 in exact mode).
+
+    One hook per parameter: autograd hands gradients over one tensor at a time, and a hook is the
+    only place that sees each micro-batch's gradient before accumulation, DDP and clipping.
+    Strength 0 installs nothing (the projection would be the identity).
+    """
 
     def __init__(self, constraints: list[_Constraint], strength: float) -> None:
-        self._handles = [c.target.param.register_hook(_grad_hook(c.basis, c.target.side, strength))
-                         for c in constraints]
+        self._handles = [] if float(strength) == 0.0 else [
+            c.target.param.register_hook(_grad_hook(c.basis, c.target.side, strength)) for c in constraints]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -71,34 +96,75 @@ class GradientProjector:
         self._handles = []
 
 
+def _copy_back(params: list[torch.Tensor], values: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
+    """``p.copy_(v)`` for each pair, as one multi-tensor kernel where torch has one."""
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(params, list(values))
+    else:  # pragma: no cover - torch < 2.1
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
 class WeightProjector:
-    """Exact mode's post-step re-projection, grouped by (side, shape, device) for batched matmuls."""
+    """Exact mode's post-step re-projection.
+
+    Groups: LoRA factors (no stored value) of one side, dtype, device and *the same basis tensor*
+    are concatenated along their free dimension (rows for input side, columns for output side)
+    and projected with two matmuls whatever their shapes, then copied back with one multi-tensor
+    copy; factors with a basis of their own (the 'attention' set's per-layer head bases), full
+    weights (stored value ``S``) and large tensors are projected one by one, in place (no
+    stacked copies of their bases are kept).
+    """
 
     def __init__(self, constraints: list[_Constraint]) -> None:
-        groups: dict[tuple, list[_Constraint]] = defaultdict(list)
+        by_basis: dict[tuple, list[_Constraint]] = defaultdict(list)
         self._single: list[_Constraint] = []
         for c in constraints:
             p = c.target.param
             if p.numel() > _BATCH_NUMEL or c.stored is not None:
                 self._single.append(c)
             else:
-                groups[(c.target.side, tuple(p.shape), p.device, p.dtype)].append(c)
-        self._groups = []
-        for (side, _, _, _), members in groups.items():
-            k = max(c.basis.shape[1] for c in members)
-            stacked = torch.stack([torch.nn.functional.pad(c.basis, (0, k - c.basis.shape[1])) for c in members])
-            self._groups.append((side, [c.target.param for c in members], stacked))
+                by_basis[(c.target.side, id(c.basis), p.device, p.dtype)].append(c)
+        self._shared = []  # (side, params, sizes along the concatenation dim, basis)
+        for (side, _, _, _), members in by_basis.items():
+            if len(members) == 1:
+                self._single.append(members[0])
+                continue
+            params = [c.target.param for c in members]
+            sizes = [p.shape[0] if side == "input" else p.shape[1] for p in params]
+            self._shared.append((side, params, sizes, members[0].basis))
 
     @torch.no_grad()
     def __call__(self) -> None:
-        for side, params, bases in self._groups:
-            x = torch.stack([p.detach() for p in params]).float()
-            y = project(x, bases, side).to(params[0].dtype)
-            for p, new in zip(params, y.unbind(0)):
-                p.copy_(new)
+        for side, params, sizes, basis in self._shared:
+            dim = 0 if side == "input" else 1
+            x = torch.cat([p.detach() for p in params], dim=dim)
+            xf = x.float()
+            if side == "input":
+                y = torch.addmm(xf, xf @ basis, basis.T, alpha=-1.0)
+            else:
+                y = torch.addmm(xf, basis, basis.T @ xf, alpha=-1.0)
+            _copy_back(params, y.to(params[0].dtype).split(sizes, dim=dim))
         for c in self._single:
-            p = c.target.param
-            p.copy_(project(p.detach().float(), c.basis, c.target.side, 1.0, c.stored).to(p.dtype))
+            _project_in_place(c.target.param, c.basis, c.target.side, c.stored)
+
+
+def _project_in_place(param: torch.Tensor, basis: torch.Tensor, side: str, stored: torch.Tensor | None) -> None:
+    """``param <- param - (param U - S) U^T`` (input) or ``- U (U^T param - S)`` (output), fp32, in place."""
+    w = param.detach()
+    wf = w.float()
+    if side == "input":
+        inner = wf @ basis if stored is None else torch.addmm(stored, wf, basis, beta=-1.0)
+        if wf is w:
+            w.addmm_(inner, basis.T, alpha=-1.0)
+        else:
+            w.copy_(torch.addmm(wf, inner, basis.T, alpha=-1.0))
+    else:
+        inner = basis.T @ wf if stored is None else torch.addmm(stored, basis.T, wf, beta=-1.0)
+        if wf is w:
+            w.addmm_(basis, inner, alpha=-1.0)
+        else:
+            w.copy_(torch.addmm(wf, basis, inner, alpha=-1.0))
 
 
 def constraint_value(param: nn.Parameter, basis: torch.Tensor, side: str) -> torch.Tensor:

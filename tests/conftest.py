@@ -27,15 +27,16 @@ templates = ["{}", "a photo of {}", "a shirt with the {}"]
 neutral = "brand"
 
 [projection]
+max_rank = {max_rank}
 tokens = "{tokens}"
 targets = {targets}
 mode = "{mode}"
 """
 
 
-def make_preset(tokens: str = "all", targets: str = '["kv"]', mode: str = "exact"):
-    return parse_preset(PRESET.replace("{tokens}", tokens).replace("{targets}", targets).replace("{mode}", mode),
-                        source="test-preset.toml")
+def make_preset(tokens: str = "all", targets: str = '["kv"]', mode: str = "exact", max_rank: int = 128):
+    text = PRESET.replace("{tokens}", tokens).replace("{targets}", targets).replace("{mode}", mode)
+    return parse_preset(text.replace("{max_rank}", str(max_rank)), source="test-preset.toml")
 
 
 @pytest.fixture(autouse=True)

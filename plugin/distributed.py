@@ -1,0 +1,133 @@
+"""The projection under sharded data parallelism (FSDP2 ``fully_shard``: DTensor parameters).
+
+FSDP2 shards each weight on dim 0 (its output rows) and, in backward, reduce-scatters the
+*unsharded* parameter's gradient straight into the sharded parameter's ``.grad``: a tensor hook
+registered on the sharded parameter never fires (measured with torch 2.13, gloo, CPU). What does
+fire is ``register_post_accumulate_grad_hook`` on the sharded parameter, after the reduce-scatter
+and before clipping or the optimizer step. There the gradient is a DTensor whose local shard holds
+whole rows, so an input-side projection ``G <- G - (G U) U^T`` is shard-local and exact.
+
+Invariant kept: for every sharded input-side target, each rank's local rows of ``.grad`` and of
+the weight satisfy the same constraint as an unsharded tensor would (``G U = 0``; exact mode:
+``(W - W0) U = 0``). Output-side constraints (``to_q``: ``U^T dW = 0``) mix rows held by
+different ranks, so they are refused rather than trained without the guarantee; so are the
+legacy ``FullyShardedDataParallel`` wrapper (flat parameters) and non-row shardings.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import TargetError
+from .projector import GradientProjector, WeightProjector, project
+
+log = logging.getLogger(__name__)
+
+try:  # DTensor is public from torch 2.4; older torch simply has no sharded parameters to handle
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (an FSDP2 / tensor-parallel parameter or gradient)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage); any other tensor unchanged."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an all-gather for a DTensor (every rank must call it), else unchanged."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def refuse_unsupported_wrappers(model: nn.Module) -> None:
+    """Raise ``TargetError`` when ``model`` is wrapped by a sharding scheme whose gradients we cannot reach."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            raise TargetError(f"{name or type(model).__name__} is wrapped by FullyShardedDataParallel (FSDP1): its "
+                              f"flat parameters hide the per-layer gradients the projection needs; attach before "
+                              f"wrapping and use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
+
+
+def check_sharded(constraints: Sequence) -> None:
+    """Refuse sharded targets whose constraint is not shard-local (output side, or not sharded on rows)."""
+    for c in constraints:
+        p = c.target.param
+        if not is_sharded(p):
+            continue
+        placements = tuple(p.placements)
+        rows_only = all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in placements)
+        if not rows_only:
+            raise TargetError(f"{c.target.name}: sharded as {placements}; the projection is shard-local only when "
+                              f"parameters are sharded on dim 0 (FSDP2's default)")
+        if c.target.side != "input":
+            raise TargetError(f"{c.target.name}: its constraint (U^T dW = 0, output side) spans rows held by "
+                              f"different FSDP ranks, so it cannot be kept shard-locally; use the 'kv' target set "
+                              f"under FSDP, or DDP")
+
+
+def _project_local_grad(basis: torch.Tensor, strength: float) -> Callable[[torch.Tensor], None]:
+    """Post-accumulate-grad hook: project this rank's rows of ``param.grad`` in place, non-finite entries kept."""
+    def hook(param: torch.Tensor) -> None:
+        if param.grad is None:
+            return
+        g = local_tensor(param.grad)
+        finite = torch.isfinite(g)
+        clean = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)).float()
+        g.copy_(torch.where(finite, project(clean, basis, "input", strength).to(g.dtype), g))
+
+    return hook
+
+
+class ShardedGradientProjector:
+    """Gradient projection for a mix of ordinary and sharded targets (same ``remove`` as ``GradientProjector``)."""
+
+    def __init__(self, constraints: Sequence, strength: float) -> None:
+        check_sharded(constraints)
+        plain = [c for c in constraints if not is_sharded(c.target.param)]
+        sharded = [c for c in constraints if is_sharded(c.target.param)]
+        self._plain = GradientProjector(plain, strength)
+        self._handles = [c.target.param.register_post_accumulate_grad_hook(_project_local_grad(c.basis, strength))
+                         for c in sharded]
+        if sharded:
+            log.info("projecting %d FSDP-sharded target(s) shard-locally after the reduce-scatter", len(sharded))
+
+    def remove(self) -> None:
+        self._plain.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class ShardedWeightProjector:
+    """Exact mode's post-step re-projection for ordinary targets and, on each rank's rows, sharded ones."""
+
+    def __init__(self, constraints: Sequence) -> None:
+        self._plain = WeightProjector([c for c in constraints if not is_sharded(c.target.param)])
+        self._sharded = [c for c in constraints if is_sharded(c.target.param)]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        self._plain()
+        for c in self._sharded:
+            w = local_tensor(c.target.param)
+            w.copy_(project(w.float(), c.basis, "input", 1.0, c.stored).to(w.dtype))
+
+
+def constraint_value_local(param: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    """``W U`` (input side) or ``U^T W`` (output side) of this rank's rows of ``param``."""
+    w = local_tensor(param.detach()).float()
+    return w @ basis if side == "input" else basis.T @ w
