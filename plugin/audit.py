@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +57,6 @@ class LoraLayer:
     scale: float
     scale_known: bool
 
-    @property
-    def text_encoder(self) -> bool:
-        return self.name.startswith(TEXT_ENCODER_PREFIXES)
-
 
 @dataclass
 class LoraFile:
@@ -70,6 +65,8 @@ class LoraFile:
     layers: list[LoraLayer]
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    text_encoder_layers: int = 0
+    other_layers: int = 0  # adapted layers that do not read the text embeddings (not measured)
 
 
 def _matrix(t: torch.Tensor, key: str, path: Path) -> torch.Tensor:
@@ -145,7 +142,20 @@ def read_lora(path: str | Path) -> LoraFile:
     notes: list[str] = []
     peft = _peft_alpha(path, metadata) if layout in ("peft", "diffusers") else None
     layers: list[LoraLayer] = []
-    for mod in sorted(set(downs) | set(ups)):
+    te_layers = other_layers = 0
+    names = sorted(set(downs) | set(ups) | set(lyco))
+    if not names:
+        raise AuditError(f"{path}: no LoRA layers found (expected lora_down/lora_up, lora_A/lora_B or "
+                         f"LyCORIS keys among {len(keys)} tensors)")
+    wanted = set()
+    for mod in names:  # only layers that read the text embeddings are formed; the rest are counted
+        if mod.startswith(TEXT_ENCODER_PREFIXES):
+            te_layers += 1
+        elif role_of(layer_key(mod)) is None:
+            other_layers += 1
+        else:
+            wanted.add(mod)
+    for mod in sorted(wanted & (set(downs) | set(ups))):
         if mod not in downs or mod not in ups:
             raise AuditError(f"{path}: layer {mod!r} has a LoRA {'down' if mod in downs else 'up'} "
                              f"factor but no {'up' if mod in downs else 'down'} factor")
@@ -155,7 +165,7 @@ def read_lora(path: str | Path) -> LoraFile:
         rank = down.shape[0]
         scale, known = 1.0, False
         if mod in alphas:
-            alpha = float(tensors[alphas[mod]].double().reshape(-1)[0])
+            alpha = _alpha(tensors[alphas[mod]], alphas[mod], path)
             scale, known = (alpha / rank if alpha != 0 else 1.0), True
         elif peft is not None:
             name = _strip(mod)
@@ -167,18 +177,22 @@ def read_lora(path: str | Path) -> LoraFile:
             notes.append(f"{mod}: DoRA magnitude rescaling is not included in its delta")
         layers.append(LoraLayer(mod, "lora", scale * (up @ down), scale, known))
     for mod, parts in sorted(lyco.items()):
-        layers.append(_lycoris_layer(path, mod, parts, tensors, alphas))
-    if not layers:
-        raise AuditError(f"{path}: no LoRA layers found (expected lora_down/lora_up, lora_A/lora_B or "
-                         f"LyCORIS keys among {len(keys)} tensors)")
+        if mod in wanted:
+            layers.append(_lycoris_layer(path, mod, parts, tensors, alphas))
     if any(not layer.scale_known for layer in layers):
         notes.append("alpha not recorded for some layers: their scale is taken as 1 (shares are unaffected)")
-    return LoraFile(path, layout, layers, metadata, notes)
+    return LoraFile(path, layout, layers, metadata, notes, te_layers, other_layers)
+
+
+def _alpha(t: torch.Tensor, key: str, path: Path) -> float:
+    if t.numel() != 1 or not torch.isfinite(t.double()).all():
+        raise AuditError(f"{path}: tensor {key!r} must hold one finite alpha value, got shape {list(t.shape)}")
+    return float(t.double().reshape(-1)[0])
 
 
 def _lycoris_layer(path: Path, mod: str, parts: dict[str, str], tensors: dict, alphas: dict) -> LoraLayer:
     get = lambda p: _matrix(tensors[parts[p]], parts[p], path)  # noqa: E731
-    alpha = float(tensors[alphas[mod]].double().reshape(-1)[0]) if mod in alphas else None
+    alpha = _alpha(tensors[alphas[mod]], alphas[mod], path) if mod in alphas else None
     if "diff" in parts:
         return LoraLayer(mod, "full", get("diff"), 1.0, True)
     if any(p.endswith(("_t1", "_t2")) for p in parts):
@@ -264,7 +278,7 @@ def load_base(folder: str | Path, clip_skip: int | None) -> BaseModel:
             encs.append(CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder_2"),
                                                                     local_files_only=True))
         unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AuditError(f"--base {root}: cannot load the model ({first})") from None
     encs = [e.eval().requires_grad_(False) for e in encs]
@@ -378,16 +392,12 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
         if preset_path:
             notes.append("--preset without --base: the basis is still the file's (recomputing needs the encoder)")
 
-    reports: list[LayerReport] = []
-    te_layers = 0
-    for layer in lora.layers:
-        if layer.text_encoder:
-            te_layers += 1
-            continue
-        role = role_of(layer_key(layer.name))
-        if role is None:
-            continue
-        reports.append(_measure(layer, role, bases, rows, base_model, sets))
+    reports = [_measure(layer, role_of(layer_key(layer.name)), bases, rows, base_model, sets)
+               for layer in lora.layers]
+    te_layers = lora.text_encoder_layers
+    if "attention" in sets and base_model is None and any(r.role in ("query", "out") for r in reports):
+        notes.append("the 'attention' target set's query/output layers are checked only with --base "
+                     "(their constraint depends on the base key/value weights)")
     if te_layers:
         notes.append(f"the file also changes {te_layers} text-encoder layer(s): the concept's embeddings themselves "
                      f"may move; this audit does not measure that")
@@ -548,7 +558,8 @@ def _run_inspect(args) -> int:
         toml = prov.pop("preset_toml", None)
         out.append("concept-exclusion provenance:")
         for k, v in prov.items():
-            out.append(f"  {k:<16} {_short(v if isinstance(v, str) else json.dumps(v))}")
+            shown = (v or "-") if isinstance(v, str) else json.dumps(v)
+            out.append(f"  {k:<16} {_short(shown)}")
         if toml:
             out.append("  preset TOML:")
             out.extend("    " + line for line in toml.rstrip().splitlines())
