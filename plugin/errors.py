@@ -19,3 +19,11 @@ class TargetError(ConceptExclusionError):
 
 class SafetensorsFileError(ConceptExclusionError):
     """A safetensors file is unreadable, malformed or lacks what is needed."""
+
+
+class LoraFileError(ConceptExclusionError):
+    """A LoRA file holds no readable LoRA layers, or a layer's tensors are malformed."""
+
+
+class AuditError(ConceptExclusionError):
+    """The audit cannot proceed: a base model is unusable, or no concept basis can be had."""

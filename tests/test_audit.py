@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptSubspace
-from concept_exclusion.audit import audit_file, layer_key, read_lora, sgm_to_diffusers
+from concept_exclusion.audit import audit_file
+from concept_exclusion.lora_file import layer_key, read_lora, sgm_to_diffusers
 from concept_exclusion.cli import main as cli_main
 from concept_exclusion.metadata import PREFIX, read_basis, subspace_metadata
 from concept_exclusion.safeio import write_safetensors

@@ -1,0 +1,271 @@
+"""diffusers pipelines: build the concept subspace from a pipeline's own text encoders, and save a
+PEFT LoRA with our provenance added to what diffusers itself writes.
+
+Invariants: ``save_lora`` keeps every metadata key diffusers' ``save_lora_weights`` writes
+(``format``, ``lora_adapter_metadata``) unchanged and only adds ``concept_exclusion.*`` keys; the
+file appears complete under its final name or not at all (plugin/safeio); the kohya layout holds
+the same effective weight delta as the PEFT adapter (``alpha / rank == lora_alpha / r``, rsLoRA
+included).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
+from concept_exclusion.exclusion import ConceptExclusion
+from concept_exclusion.preset import Preset, load_preset
+from concept_exclusion.safeio import read_safetensors, write_safetensors
+from concept_exclusion.subspace import ConceptSubspace
+from concept_exclusion.targets import canonical_name
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("diffusers", "kohya")
+# PEFT target regex for the cross-attention projections (attn1 is self-attention and reads no text).
+CROSS_ATTENTION_LORA_TARGETS = r".*attn2\.(to_k|to_v|to_q|to_out\.0)$"
+
+
+def is_sdxl(pipe_or_unet) -> bool:
+    """True for SDXL-shaped pipelines/UNets (a second text encoder, or the text_time added embedding)."""
+    if getattr(pipe_or_unet, "text_encoder_2", None) is not None:
+        return True
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def _preset(preset: Preset | str | Path) -> Preset:
+    return preset if isinstance(preset, Preset) else load_preset(preset)
+
+
+def subspace_from_pipeline(preset: Preset | str | Path, pipe, clip_skip: int | None = None) -> ConceptSubspace:
+    """The concept subspace read by ``pipe``'s UNet, from the pipeline's own tokenizer(s) and text encoder(s).
+
+    SD1.x/2.x: one encoder; SDXL: both, concatenated penultimate states plus a pooled basis.
+    ``clip_skip`` is kohya's (2 = penultimate); diffusers' pipeline argument ``clip_skip=n`` is ours ``n + 1``.
+    """
+    preset = _preset(preset)
+    tok, enc = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
+    if tok is None or enc is None:
+        raise SubspaceError(f"{type(pipe).__name__} has no tokenizer/text_encoder to encode the concept with")
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        tok2 = getattr(pipe, "tokenizer_2", None) or tok
+        return ConceptSubspace.from_text_encoders(preset, [tok, tok2], [enc, pipe.text_encoder_2], clip_skip)
+    return ConceptSubspace.from_text_encoder(preset, tok, enc, clip_skip)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    for _ in range(8):
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return module
+
+
+def _unet_of(pipe_or_unet) -> nn.Module:
+    unet = getattr(pipe_or_unet, "unet", None)
+    return unwrap(unet if isinstance(unet, nn.Module) else pipe_or_unet)
+
+
+def attach_to_pipeline(pipe, preset: Preset | str | Path, mode: str | None = None, *, optimizer=None,
+                       clip_skip: int | None = None, **kwargs) -> ConceptExclusion:
+    """Build the subspace from ``pipe`` and attach the exclusion to ``pipe.unet`` (text encoders passed for the check)."""
+    subspace = subspace_from_pipeline(preset, pipe, clip_skip)
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+    return ConceptExclusion.attach(_unet_of(pipe), subspace, mode, optimizer=optimizer, text_encoder=encoders, **kwargs)
+
+
+def attach_exclusion(unet: nn.Module, preset: Preset | str | Path, tokenizer, text_encoder, *, optimizer=None,
+                     clip_skip: int | None = None, **kwargs) -> ConceptExclusion:
+    """One line for a stock diffusers loop: subspace from the script's own tokenizer(s)/text encoder(s), attached.
+
+    SDXL scripts pass both as lists (``[tokenizer_one, tokenizer_two]``, ``[text_encoder_one, text_encoder_two]``).
+    Call it after the optimizer exists (exact mode's post-step work is registered on it) and before
+    ``accelerator.prepare``. Other keyword arguments go to ``ConceptExclusion.attach``.
+    """
+    preset = _preset(preset)
+    if isinstance(text_encoder, (list, tuple)) and len(text_encoder) == 2:
+        subspace = ConceptSubspace.from_text_encoders(preset, list(tokenizer), list(text_encoder), clip_skip)
+        encoders = list(text_encoder)
+    else:
+        one_tok = tokenizer[0] if isinstance(tokenizer, (list, tuple)) else tokenizer
+        encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        subspace = ConceptSubspace.from_text_encoder(preset, one_tok, encoders[0], clip_skip)
+    return ConceptExclusion.attach(unwrap(unet), subspace, optimizer=optimizer, text_encoder=encoders, **kwargs)
+
+
+# text conditioning -------------------------------------------------------------------------------
+def encode_prompts(pipe, texts: Sequence[str], clip_skip: int | None = None, device=None, dtype=None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt embeddings [n, L, d], pooled [n, p] or None): the conditioning the UNet is trained on.
+
+    It selects the same layer as the subspace (``concept_exclusion.embeddings.TextEncoders``): SD1.x/2.x the
+    last layer, or layer ``-clip_skip`` through the final layer norm; SDXL layer ``-clip_skip`` (default 2) of both
+    encoders, concatenated, and the second encoder's pooled projection.
+    """
+    dual = getattr(pipe, "text_encoder_2", None) is not None
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if dual:
+        pairs.append((getattr(pipe, "tokenizer_2", None) or pipe.tokenizer, pipe.text_encoder_2))
+    skip = clip_skip if clip_skip is not None else (2 if dual else None)
+    max_length = min(int(t.model_max_length) for t, _ in pairs)
+    states, pooled = [], None
+    for tok, enc in pairs:
+        dev = device if device is not None else next(enc.parameters()).device
+        ids = tok(list(texts), padding="max_length", max_length=max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(dev)
+        out = enc(ids, output_hidden_states=True)
+        if dual:
+            h = out.hidden_states[-skip]
+        elif skip in (None, 1):
+            h = out.last_hidden_state
+        else:
+            norm = getattr(enc, "text_model", enc).final_layer_norm  # transformers 5 flattened CLIPTextModel
+            h = norm(out.hidden_states[-skip])
+        states.append(h)
+        pooled = getattr(out, "text_embeds", None)
+        if pooled is None:
+            pooled = out.pooler_output
+    embeds = torch.cat(states, dim=-1)
+    if dtype is not None:
+        embeds = embeds.to(dtype)
+        pooled = pooled.to(dtype)
+    return embeds, (pooled if dual else None)
+
+
+# LoRA files ---------------------------------------------------------------------------------------
+def _lora_layers(unet: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
+    """(canonical module path, PEFT LoRA layer) for every layer carrying ``adapter``."""
+    out = []
+    for name, m in unet.named_modules():
+        if hasattr(m, "lora_A") and isinstance(m.lora_A, nn.ModuleDict) and adapter in m.lora_A:
+            out.append((canonical_name(name), m))
+    if not out:
+        raise TargetError(f"{type(unet).__name__} carries no PEFT LoRA adapter {adapter!r} "
+                          f"(add one with unet.add_adapter(LoraConfig(...)))")
+    return out
+
+
+_SAI_PATTERNS = (
+    (re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)$"), "input_blocks"),
+    (re.compile(r"^mid_block\.attentions\.0\.(.*)$"), "middle_block"),
+    (re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)$"), "output_blocks"),
+)
+
+
+def sai_module_path(path: str, layers_per_block: int) -> str:
+    """SDXL: the Stability (sgm) path of a diffusers UNet attention path, as kohya names SDXL LoRA modules.
+
+    Inverse of diffusers' ``_maybe_map_sgm_blocks_to_diffusers``: down block i, layer j -> input block
+    i*(L+1)+j+1; mid attention -> middle_block.1; up block i, layer j -> output block i*(L+1)+j (L = layers per
+    block; up blocks hold L+1 layers). Paths outside the attention blocks are returned unchanged.
+    """
+    m = _SAI_PATTERNS[0][0].match(path)
+    if m:
+        return f"input_blocks.{int(m[1]) * (layers_per_block + 1) + int(m[2]) + 1}.1.{m[3]}"
+    m = _SAI_PATTERNS[1][0].match(path)
+    if m:
+        return f"middle_block.1.{m[1]}"
+    m = _SAI_PATTERNS[2][0].match(path)
+    if m:
+        return f"output_blocks.{int(m[1]) * (layers_per_block + 1) + int(m[2])}.1.{m[3]}"
+    return path
+
+
+def kohya_state_dict(unet: nn.Module, adapter: str = "default", sdxl_names: bool | None = None,
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The adapter as kohya LoRA tensors: ``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+
+    SD1.x/2.x keep diffusers' module paths; SDXL uses the Stability paths (``sdxl_names``, default: detected).
+    ``alpha`` is ``scaling * rank`` so that kohya's ``alpha / rank`` equals PEFT's scaling exactly.
+    """
+    unet = unwrap(unet)
+    sdxl_names = is_sdxl(unet) if sdxl_names is None else sdxl_names
+    layers_per_block = getattr(getattr(unet, "config", None), "layers_per_block", 2)
+    if isinstance(layers_per_block, (list, tuple)):
+        raise TargetError("kohya SDXL names need one layers_per_block for every block")
+    out: dict[str, torch.Tensor] = {}
+    for path, m in _lora_layers(unet, adapter):
+        if path.startswith("text_"):
+            continue
+        down, up = m.lora_A[adapter].weight.detach(), m.lora_B[adapter].weight.detach()
+        if down.ndim != 2:
+            raise TargetError(f"{path}: only Linear LoRA layers are written in kohya layout, got {down.ndim}-d")
+        rank = down.shape[0]
+        scaling = float(m.scaling[adapter])
+        kohya_path = sai_module_path(path, layers_per_block) if sdxl_names else path
+        name = "lora_unet_" + kohya_path.replace(".", "_")
+        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+        out[f"{name}.lora_down.weight"] = cast(down).contiguous().cpu()
+        out[f"{name}.lora_up.weight"] = cast(up).contiguous().cpu()
+        out[f"{name}.alpha"] = torch.tensor(scaling * rank, dtype=dtype or torch.float32)
+    return out
+
+
+def _diffusers_file(unet: nn.Module, adapter: str, sdxl: bool, dtype: torch.dtype | None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata exactly as diffusers' own ``save_lora_weights`` writes them (train_text_to_image_lora)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    if dtype is not None:
+        layers = {k: v.to(dtype) for k, v in layers.items()}
+    config = unet.peft_config[adapter].to_dict()
+    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    with tempfile.TemporaryDirectory(prefix="concept-exclusion-lora-") as tmp:
+        pipeline_cls.save_lora_weights(tmp, unet_lora_layers=layers, weight_name="lora.safetensors",
+                                       safe_serialization=True, unet_lora_adapter_metadata=config)
+        return read_safetensors(Path(tmp) / "lora.safetensors")
+
+
+def save_lora(pipe_or_unet, path: str | Path, exclusion: ConceptExclusion | None, format: str = "diffusers",
+              adapter: str = "default", dtype: torch.dtype | None = None,
+              extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the UNet's PEFT LoRA ``adapter`` to ``path`` (atomically) with ``exclusion.metadata()`` added.
+
+    format 'diffusers': diffusers' own file (keys ``unet.*.lora_A/B``, metadata ``format`` and
+    ``lora_adapter_metadata``); 'kohya': ``lora_unet_*.lora_down/lora_up/alpha`` with diffusers' ``format`` key
+    and kohya's ``ss_network_*`` keys. ``lora_adapter_metadata`` is left out of the kohya layout on purpose:
+    with it, diffusers' loader refuses the file ("Both `network_alphas` and `metadata` cannot be specified"),
+    and the alpha tensors already carry the scaling. Both load with ``pipe.load_lora_weights``.
+    """
+    if format not in FORMATS:
+        raise ConceptExclusionError(f"LoRA format must be one of {', '.join(FORMATS)}, got {format!r}")
+    unet = _unet_of(pipe_or_unet)
+    _lora_layers(unet, adapter)  # refuses a UNet without the adapter, naming it
+    sdxl = is_sdxl(pipe_or_unet)
+    tensors, metadata = _diffusers_file(unet, adapter, sdxl, dtype)
+    if format == "kohya":
+        tensors = kohya_state_dict(unet, adapter, sdxl_names=sdxl, dtype=dtype)
+        config = unet.peft_config[adapter]
+        metadata.pop("lora_adapter_metadata", None)
+        metadata.update({
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(config.r),
+            "ss_network_alpha": str(config.lora_alpha),
+            "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        })
+    if exclusion is not None:
+        ours = exclusion.metadata()
+        clash = sorted(set(ours) & set(metadata))
+        if clash:
+            raise ConceptExclusionError(f"{path}: our metadata key {clash[0]!r} would overwrite the host's")
+        metadata.update(ours)
+    if extra_metadata:
+        metadata.update({k: v for k, v in extra_metadata.items() if k not in metadata})
+    path = Path(path)
+    write_safetensors(path, tensors, metadata)
+    log.info("saved %s LoRA (%d tensors) to %s", format, len(tensors), path)
+    return path
+

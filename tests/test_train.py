@@ -1,0 +1,301 @@
+"""``concept-exclusion train`` end to end on a tiny pipeline saved to disk and a folder of 8 captioned images."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from concept_exclusion.cli import main
+from concept_exclusion.safeio import read_header, read_safetensors
+from conftest import make_preset
+from test_diffusers_integration import build_pipeline, load
+
+CAPTIONS = ["a photo of the zorblax logo on a red shirt", "a cat on blue background", "zorblax sign in a scene",
+            "a dog", "a tree and a house", "a red car", "the zorblax logo", "a green circle"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each run here (like each real CLI process) starts from none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny SD and SDXL pipelines, a data folder (8 images of odd sizes with captions) and a preset file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("train")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(CAPTIONS):
+        Image.fromarray(rng.integers(0, 255, (40 + 4 * i, 36, 3), dtype=np.uint8)).save(data / f"img{i:02d}.png")
+        (data / f"img{i:02d}.txt").write_text(caption + "\n")
+    preset = root / "logo.toml"
+    preset.write_text(make_preset(targets='["attention"]').toml_text)
+    return {"sd": build_pipeline(root, "sd"), "sdxl": build_pipeline(root, "sdxl"), "data": data, "preset": preset}
+
+
+def _argv(world, out: Path, kind: str = "sd", *extra: str) -> list[str]:
+    return ["train", "--base", str(world[kind]), "--data", str(world["data"]), "--preset", str(world["preset"]),
+            "--output", str(out), "--resolution", "32", "--batch_size", "2", "--rank", "4",
+            "--learning_rate", "1e-3", "--sample_steps", "2", "--log_every", "5", *extra]
+
+
+def test_train_ten_steps_then_diffusers_loads_and_generates(world, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(world, out, "sd", "--max_steps", "10", "--gradient_accumulation_steps", "2")) == 0
+    lora = out / "lora.safetensors"
+    tensors, meta = read_safetensors(lora)
+    assert meta["concept_exclusion.preset_name"] == "test-logo"
+    assert meta["concept_exclusion.mode"] == "exact" and meta["concept_exclusion.steps"] == "10"
+    assert float(meta["concept_exclusion.leakage_max"]) < 1e-5
+    assert meta["format"] == "pt" and meta["ss_network_dim"] == "4"  # default layout: kohya
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_up" in k)  # it learned something
+    samples = sorted((out / "samples").glob("*.png"))
+    assert len(samples) == 2
+    log_text = (out / "train.log").read_text()
+    assert "step 10 loss" in log_text and "leakage" in log_text
+
+    pipe = load(world["sd"])
+    pipe.load_lora_weights(str(lora))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of the zorblax logo", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_config_file_with_flag_override_sdxl_diffusers_layout(world, tmp_path):
+    out = tmp_path / "xl"
+    config = tmp_path / "train.toml"
+    config.write_text(f'''
+base = "{world["sdxl"]}"
+data = "{world["data"]}"
+preset = "{world["preset"]}"
+output = "{tmp_path / "ignored"}"
+format = "diffusers"
+max_steps = 50
+resolution = 32
+batch_size = 2
+rank = 4
+sample_prompts = ["a red car"]
+sample_steps = 1
+''')
+    argv = ["train", "--config", str(config), "--output", str(out), "--max_steps", "2", "--mode", "gradient",
+            "--strength", "1.0", "--targets", "kv"]
+    assert main(argv) == 0
+    assert not (tmp_path / "ignored").exists()  # the flag won over the file
+    tensors, meta = read_safetensors(out / "lora.safetensors")
+    assert meta["concept_exclusion.steps"] == "2" and meta["concept_exclusion.mode"] == "gradient"
+    assert meta["concept_exclusion.preset_name"] == "test-logo" and "pooled" in meta["concept_exclusion.ranks"]
+    assert "lora_adapter_metadata" in meta and all(k.startswith("unet.") for k in tensors)
+    assert [p.name for p in sorted((out / "samples").glob("*.png"))] == ["00.png"]
+    assert (out / "samples" / "00.txt").read_text().strip() == "a red car"
+    pipe = load(world["sdxl"])
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(world, tmp_path):
+    common = ("--max_steps", "6", "--gradient_accumulation_steps", "2", "--sample_steps", "0",
+              "--checkpoint_every", "2", "--keep_checkpoints", "0", "--seed", "7")
+    whole = tmp_path / "whole"
+    assert main(_argv(world, whole, "sd", *common)) == 0
+    checkpoints = sorted((whole / "checkpoints").glob("step-*.safetensors"))
+    assert [p.name for p in checkpoints] == ["step-00000002.safetensors", "step-00000004.safetensors"]
+    header, meta = read_header(checkpoints[0])
+    assert meta["format"] == "concept-exclusion-train-checkpoint/1" and meta["step"] == "2"
+    assert any(k.startswith("optim/") for k in header) and any(k.startswith("exclusion/") for k in header)
+    assert any(k.startswith("lora/") for k in header)
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoints[1], resumed / "checkpoints")  # as if killed after step 4's checkpoint ...
+    (resumed / "checkpoints" / ".step-00000006.safetensors.x1y2.tmp").write_bytes(b"half")  # ... while writing 6
+    assert main(_argv(world, resumed, "sd", *common, "--resume", str(resumed))) == 0
+    a, meta_a = read_safetensors(whole / "lora.safetensors")
+    b, meta_b = read_safetensors(resumed / "lora.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta_a["concept_exclusion.steps"] == meta_b["concept_exclusion.steps"] == "6"
+    assert "resumed from" in (resumed / "train.log").read_text()
+    assert not list((resumed / "checkpoints").glob(".*.tmp"))
+
+    # killed before its first checkpoint: --resume on the (existing) output folder starts afresh, same result
+    early = tmp_path / "early"
+    early.mkdir()
+    assert main(_argv(world, early, "sd", *common, "--resume", str(early))) == 0
+    c, _ = read_safetensors(early / "lora.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+    # a checkpoint refuses to resume a run with a different trajectory, naming the setting
+    other = tmp_path / "other"
+    assert main(_argv(world, other, "sd", *common, "--learning_rate", "5e-4", "--resume", str(checkpoints[0]))) == 2
+
+
+def test_bf16_mixed_precision_keeps_the_invariant(world, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(_argv(world, out, "sd", "--max_steps", "3", "--mixed_precision", "bf16", "--sample_steps", "1",
+                      "--save_dtype", "bfloat16")) == 0
+    header, meta = read_header(out / "lora.safetensors")
+    assert {e["dtype"] for e in header.values()} == {"BF16"}
+    assert float(meta["concept_exclusion.leakage_max"]) < 1e-5  # measured on the float32 master LoRA
+
+
+def test_single_file_base_checkpoint(world, tmp_path):
+    """A single .safetensors checkpoint in the original layout, loaded with from_single_file + --base_config."""
+    from safetensors.torch import save_file
+
+    pipe = load(world["sd"])
+    checkpoint = {**ldm_unet_keys(pipe.unet.state_dict(), 1, 2), **ldm_vae_keys(pipe.vae.state_dict(), 3, 1),
+                  **{"cond_stage_model.transformer.text_model." + k: v
+                     for k, v in pipe.text_encoder.state_dict().items()}}
+    single = tmp_path / "tiny-sd.safetensors"
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, single)
+    out = tmp_path / "single"
+    argv = _argv(world, out, "sd", "--max_steps", "2", "--sample_steps", "0", "--format", "diffusers")
+    argv[argv.index("--base") + 1] = str(single)
+    assert main(argv + ["--base_config", str(world["sd"]), "--local_files_only"]) == 0
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    assert (out / "lora.safetensors").is_file() and not (out / "samples").exists()
+
+
+def ldm_unet_keys(sd, L, n):
+    """Test helper: a diffusers UNet2DConditionModel state dict under original LDM names (L layers per block, n blocks)."""
+    res = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
+           ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    prefixes = []
+    for i in range(n):
+        for j in range(L):
+            prefixes.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{i*(L+1)+j+1}.0."))
+            prefixes.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{i*(L+1)+j+1}.1."))
+        prefixes.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i+1)*(L+1)}.0.op."))
+        for j in range(L + 1):
+            prefixes.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i*(L+1)+j}.0."))
+            prefixes.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i*(L+1)+j}.1."))
+    prefixes += [("mid_block.attentions.0.", "middle_block.1."), ("mid_block.resnets.0.", "middle_block.0."),
+                 ("mid_block.resnets.1.", "middle_block.2.")]
+    has_attn = {i for i in range(n) if any(k.startswith(f"up_blocks.{i}.attentions.") for k in sd)}
+    out = {}
+    for k, v in sd.items():
+        name = k
+        for hf, ldm in fixed.items():
+            if name.startswith(hf + "."):
+                name = ldm + name[len(hf):]
+        if name.startswith("up_blocks.") and ".upsamplers.0." in name:
+            i = int(name.split(".")[1])
+            name = f"output_blocks.{i*(L+1)+L}.{2 if i in has_attn else 1}." + name.split(".upsamplers.0.", 1)[1]
+        for hf, ldm in prefixes:
+            if name.startswith(hf):
+                rest = name[len(hf):]
+                if "resnets" in hf:
+                    for a, b in res:
+                        rest = rest.replace(b, a)
+                name = ldm + rest
+                break
+        out["model.diffusion_model." + name] = v
+    return out
+
+def ldm_vae_keys(sd, n, L):
+    """Test helper: a diffusers AutoencoderKL state dict under original LDM names (n blocks)."""
+    out = {}
+    for k, v in sd.items():
+        name = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        for i in range(n):
+            name = name.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            name = name.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            name = name.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n-1-i}.block.")
+            name = name.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n-1-i}.upsample.")
+        for j in range(2):
+            name = name.replace(f"mid_block.resnets.{j}.", f"mid.block_{j+1}.")
+        if "mid_block.attentions.0." in name:
+            name = name.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for a, b in (("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")):
+                name = name.replace(".attn_1." + b, ".attn_1." + a)
+            if name.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+                v = v.reshape(*v.shape, 1, 1)
+        out["first_stage_model." + name] = v
+    return out
+
+
+def test_v_prediction_base_as_sd2(world, tmp_path):
+    """SD2-768-style bases predict velocity: the target follows the scheduler's prediction_type."""
+    import json
+
+    base = tmp_path / "sd2v"
+    shutil.copytree(world["sd"], base)
+    config_file = base / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["prediction_type"] = "v_prediction"
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "v"
+    argv = _argv(world, out, "sd", "--max_steps", "2", "--sample_steps", "1")
+    argv[argv.index("--base") + 1] = str(base)
+    assert main(argv) == 0
+    _, meta = read_safetensors(out / "lora.safetensors")
+    assert float(meta["concept_exclusion.leakage_max"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_gloo(world, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU: gloo DDP, each rank its slice, only the main process writes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    argv = _argv(world, out, "sd", "--max_steps", "4", "--sample_steps", "1", "--checkpoint_every", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "concept_exclusion.cli", *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("LoRA: ") == 1  # printed by the main process only
+    log_text = (out / "train.log").read_text()
+    assert "2 process(es)" in log_text and "step 4 loss" in log_text
+    _, meta = read_safetensors(out / "lora.safetensors")
+    assert float(meta["concept_exclusion.leakage_max"]) < 1e-5 and meta["concept_exclusion.steps"] == "4"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002.safetensors"]
+
+
+def test_bad_input_exits_2_with_a_message(world, tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('max_stepz = 3\n')
+    assert main(["train", "--config", str(config)]) == 2
+    assert "max_stepz: unknown key" in capsys.readouterr().err
+    assert main(["train", "--data", str(world["data"]), "--preset", str(world["preset"])]) == 2
+    assert "--base is required" in capsys.readouterr().err
+    assert main(_argv(world, tmp_path / "x", "sd", "--data", str(tmp_path))) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(_argv(world, tmp_path / "x", "sd", "--resume", str(tmp_path / "nothing"))) == 2
+    assert "no checkpoint file or folder" in capsys.readouterr().err
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not opened")
+    argv = _argv(world, tmp_path / "x", "sd")
+    argv[argv.index("--base") + 1] = str(pickled)
+    assert main(argv) == 2
+    assert "never loaded" in capsys.readouterr().err
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    from concept_exclusion.integrations.train import batch_indices
+
+    n, b = 8, 3  # 2 micro-batches per epoch; 2 images per epoch are skipped
+    first = [batch_indices(m, n, b, seed=1) for m in range(6)]
+    assert first == [batch_indices(m, n, b, seed=1) for m in range(6)]
+    assert first != [batch_indices(m, n, b, seed=2) for m in range(6)]
+    for epoch in range(3):
+        seen = first[2 * epoch] + first[2 * epoch + 1]
+        assert len(set(seen)) == 6
+    two_ranks = [batch_indices(0, n, 2, seed=1, rank=r, world=2) for r in (0, 1)]
+    assert not set(two_ranks[0]) & set(two_ranks[1])
