@@ -21,6 +21,9 @@ default, or ``lycoris.kohya``) and wraps it:
 Invariant (exact mode): every file written satisfies ``(up @ down) U = 0`` for each key/value
 (and pooled) LoRA, ``Q_k^T up = 0`` / ``down Q_v = 0`` for query/out LoRAs, to float precision.
 Every other method the trainer calls is the base network's.
+
+This module holds those entry points and the network class; kohya_args parses ``--network_args`` and
+kohya_concept encodes the concept into its subspace.
 """
 
 from __future__ import annotations
@@ -36,93 +39,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
+from concept_exclusion.errors import ConceptExclusionError, TargetError
 from concept_exclusion.exclusion import ConceptExclusion, _text_encoder_training
 from concept_exclusion.metadata import PREFIX
-from concept_exclusion.preset import MODES, TARGET_SETS, Preset, load_preset
 from concept_exclusion.safeio import read_header
 from concept_exclusion.subspace import ConceptSubspace
-from concept_exclusion.targets import find_targets, role_of
+from concept_exclusion.targets import find_targets
+
+from .kohya_args import DEFAULT_BASE_NETWORK, THIS_MODULE, KohyaArgsError, split_network_args
+from .kohya_concept import encode_concept
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BASE_NETWORK = "networks.lora"
-THIS_MODULE = "concept_exclusion.integrations.kohya"
-OUR_ARGS = ("concept_preset", "concept_mode", "concept_strength", "concept_targets", "concept_clip_skip",
-            "concept_tokenizer", "concept_allow_text_encoder_training", "concept_reencode_every")
-
-
-class KohyaArgsError(ConceptExclusionError):
-    """A ``--network_args`` value for this module is missing or invalid."""
-
-
-# network_args --------------------------------------------------------------------------------
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise KohyaArgsError(f"network_args {key}={value!r}: expected true or false")
-
-
-def _as_int(key: str, value: Any, lo: int) -> int:
-    try:
-        v = int(str(value).strip())
-    except ValueError:
-        raise KohyaArgsError(f"network_args {key}={value!r}: expected an integer") from None
-    if v < lo:
-        raise KohyaArgsError(f"network_args {key}={value!r}: must be {lo} or more")
-    return v
-
-
-def _as_float(key: str, value: Any) -> float:
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        raise KohyaArgsError(f"network_args {key}={value!r}: expected a number") from None
-
-
-def split_network_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """(our settings, base network module name, the base network's own kwargs). Values may be strings."""
-    kwargs = dict(kwargs)
-    base_name = str(kwargs.pop("base_network", None) or DEFAULT_BASE_NETWORK).strip()
-    ours = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("concept_")}
-    unknown = sorted(set(ours) - set(OUR_ARGS))
-    if unknown:
-        raise KohyaArgsError(f"network_args {unknown[0]}: unknown concept-exclusion argument "
-                             f"(known: {', '.join(OUR_ARGS)})")
-    if not ours.get("concept_preset"):
-        raise KohyaArgsError("network_args concept_preset=PATH is required (a preset .toml or a shipped preset name)")
-    settings: dict[str, Any] = {"preset": str(ours["concept_preset"]).strip()}
-    if ours.get("concept_mode") not in (None, ""):
-        mode = str(ours["concept_mode"]).strip()
-        if mode not in MODES:
-            raise KohyaArgsError(f"network_args concept_mode={mode!r}: must be one of {', '.join(MODES)}")
-        settings["mode"] = mode
-    if ours.get("concept_strength") not in (None, ""):
-        settings["strength"] = _as_float("concept_strength", ours["concept_strength"])
-    if ours.get("concept_targets") not in (None, ""):
-        raw = ours["concept_targets"]
-        names = raw if isinstance(raw, (list, tuple)) else str(raw).replace(",", " ").split()
-        for n in names:
-            if n not in TARGET_SETS:
-                raise KohyaArgsError(f"network_args concept_targets={raw!r}: {n!r} is not one of "
-                                     f"{', '.join(TARGET_SETS)}")
-        settings["targets"] = tuple(sorted(set(names)))
-    if ours.get("concept_clip_skip") not in (None, ""):
-        settings["clip_skip"] = _as_int("concept_clip_skip", ours["concept_clip_skip"], 1)
-    if ours.get("concept_tokenizer") not in (None, ""):
-        settings["tokenizer"] = str(ours["concept_tokenizer"]).strip()
-    settings["allow_text_encoder_training"] = _as_bool(
-        "concept_allow_text_encoder_training", ours.get("concept_allow_text_encoder_training", False))
-    settings["reencode_every"] = _as_int("concept_reencode_every", ours.get("concept_reencode_every", 100), 1)
-    if base_name == THIS_MODULE:
-        raise KohyaArgsError(f"network_args base_network={base_name}: must be a LoRA network module such as "
-                             f"networks.lora or lycoris.kohya, not this module")
-    return settings, base_name, kwargs
 
 
 def import_base_network(name: str):
@@ -137,94 +64,6 @@ def import_base_network(name: str):
         if not callable(getattr(module, fn, None)):
             raise KohyaArgsError(f"network_args base_network={name}: has no {fn}(); not a kohya network module")
     return module
-
-
-# tokenizers and encoders -----------------------------------------------------------------------
-def _strategy_objects() -> tuple[list | None, int | None, bool]:
-    """(tokenizers, clip_skip, found) from sd-scripts' strategy objects, when sd-scripts is loaded."""
-    try:
-        from library import strategy_base  # sd-scripts
-    except Exception:  # noqa: BLE001 - sd-scripts absent (or an unrelated 'library' package)
-        return None, None, False
-    tokenize = getattr(getattr(strategy_base, "TokenizeStrategy", None), "get_strategy", lambda: None)()
-    encode = getattr(getattr(strategy_base, "TextEncodingStrategy", None), "get_strategy", lambda: None)()
-    tokenizers = None
-    if tokenize is not None:
-        if getattr(tokenize, "tokenizer1", None) is not None:
-            tokenizers = [tokenize.tokenizer1] + ([tokenize.tokenizer2] if getattr(tokenize, "tokenizer2", None)
-                                                   is not None else [])
-        elif getattr(tokenize, "tokenizer", None) is not None:
-            tokenizers = [tokenize.tokenizer]
-    clip_skip = getattr(encode, "clip_skip", None) if encode is not None else None
-    return tokenizers, clip_skip, tokenize is not None or encode is not None
-
-
-def _load_tokenizers(path: str, count: int) -> list:
-    """``count`` CLIP tokenizers from a folder: a diffusers model folder (tokenizer/, tokenizer_2/),
-    a tokenizer folder, or comma-separated tokenizer folders."""
-    from transformers import CLIPTokenizer
-
-    root = Path(path)
-    if root.is_dir() and (root / "tokenizer").is_dir():
-        folders = [root / "tokenizer"] + ([root / "tokenizer_2"] if count == 2 else [])
-    else:
-        folders = [Path(p.strip()) for p in path.split(",") if p.strip()]
-    if len(folders) != count:
-        raise KohyaArgsError(f"network_args concept_tokenizer={path}: the model has {count} text encoder(s); give "
-                             f"a diffusers model folder or {count} comma-separated tokenizer folders")
-    out = []
-    for folder in folders:
-        if not folder.is_dir():
-            raise KohyaArgsError(f"network_args concept_tokenizer={path}: {folder} is not a folder")
-        try:
-            out.append(CLIPTokenizer.from_pretrained(str(folder), local_files_only=True))
-        except (OSError, ValueError) as exc:
-            raise KohyaArgsError(f"network_args concept_tokenizer={path}: {folder}: not a CLIP tokenizer "
-                                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    return out
-
-
-def _encoders_list(text_encoder) -> list[nn.Module]:
-    if text_encoder is None:
-        return []
-    return [t for t in (text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]) if t is not None]
-
-
-def build_subspace(preset: Preset, text_encoder, settings: dict[str, Any]) -> ConceptSubspace:
-    """Encode the preset's concepts with the model's encoders (SDXL: a list of two) -> the concept subspace."""
-    encoders = _encoders_list(text_encoder)
-    if not encoders or len(encoders) > 2:
-        raise SubspaceError(f"expected one (SD1/SD2) or two (SDXL) text encoders from sd-scripts, got {len(encoders)}")
-    tokenizers, strategy_skip, found = _strategy_objects()
-    source = "sd-scripts' TokenizeStrategy"
-    if "tokenizer" in settings:
-        tokenizers, source = _load_tokenizers(settings["tokenizer"], len(encoders)), "concept_tokenizer"
-    if tokenizers is None:
-        raise KohyaArgsError("cannot encode the concept: no tokenizer (sd-scripts' TokenizeStrategy is not set and "
-                             "network_args concept_tokenizer=PATH was not given)")
-    if len(tokenizers) != len(encoders):
-        raise KohyaArgsError(f"cannot encode the concept: {len(tokenizers)} tokenizer(s) from {source} for "
-                             f"{len(encoders)} text encoder(s)")
-    clip_skip = settings.get("clip_skip", strategy_skip)
-    if found and "clip_skip" in settings and strategy_skip is not None and settings["clip_skip"] != strategy_skip:
-        log.warning("concept_clip_skip=%s differs from the training's --clip_skip %s: the concept is encoded "
-                    "differently from the prompts the UNet reads", settings["clip_skip"], strategy_skip)
-    if len(encoders) == 2:
-        return ConceptSubspace.from_text_encoders(preset, tokenizers, encoders, clip_skip)
-    return ConceptSubspace.from_text_encoder(preset, tokenizers[0], encoders[0], clip_skip)
-
-
-def _check_unet_width(unet: nn.Module | None, subspace: ConceptSubspace) -> None:
-    """Fail early when the UNet's cross-attention reads embeddings of another width than the basis."""
-    if unet is None:
-        return
-    dim = subspace.dim("context")
-    for name, m in unet.named_modules():
-        if role_of(name) == "key" and isinstance(m, nn.Linear):
-            if m.in_features != dim:
-                raise SubspaceError(f"{name} reads {m.in_features}-d text embeddings but the concept was encoded "
-                                    f"as {dim}-d: the text encoders given do not belong to this UNet")
-            return
 
 
 def _skip(value) -> int:
@@ -429,26 +268,6 @@ class ConceptExclusionNetwork(nn.Module):
 
 
 # the kohya module contract ----------------------------------------------------------------------------
-def encode_concept(text_encoder, unet, settings: dict[str, Any]) -> ConceptSubspace:
-    """Load the preset and encode it with the model's own encoder(s); every failure is one line, before training."""
-    preset = load_preset(settings["preset"])
-    mode = settings.get("mode") or preset.projection.mode
-    strength = settings.get("strength")
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise KohyaArgsError(f"network_args concept_strength={strength}: must be in [0, 1]")
-    if mode == "exact" and strength not in (None, 1.0):
-        raise KohyaArgsError("network_args concept_strength applies to concept_mode=gradient only")
-    if mode == "gradient":
-        log.warning("concept_mode=gradient projects gradients only: a LoRA's down factors keep their initial "
-                    "concept components and Adam drifts, so the saved file will usually fail `concept-exclusion "
-                    "audit`; use concept_mode=exact for a guarantee")
-    subspace = build_subspace(preset, text_encoder, settings)
-    _check_unet_width(unet, subspace)
-    log.info("concept %s encoded: ranks %s (clip_skip %s)", preset.name,
-             {s: subspace.rank(s) for s in subspace.bases}, subspace.clip_skip)
-    return subspace
-
-
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                    unet, neuron_dropout: float | None = None, **kwargs) -> ConceptExclusionNetwork:
     """sd-scripts' entry point. ``kwargs`` are ``--network_args`` (strings): ours (``concept_*``,

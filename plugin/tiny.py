@@ -3,6 +3,7 @@
 They serve the tests, the demo and the benchmarks: nothing is downloaded. The tokenizer is
 a real ``transformers.CLIPTokenizer`` read from files written here; every word given to
 ``write_clip_tokenizer`` becomes one token, anything else falls back to characters.
+``sd_pipeline`` / ``sdxl_pipeline`` assemble them into whole diffusers pipelines.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Iterable
 import torch
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+# Stable Diffusion's training noise schedule (both tiny pipelines' schedulers)
+SD_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                     "beta_end": 0.012}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -133,3 +137,45 @@ def unet_sdxl(cross_attention_dim: int = 64, pooled_dim: int = 32, sample_size: 
         projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
         transformer_layers_per_block=1, use_linear_projection=True,
     )
+
+
+def tiny_vae(seed: int = 0):
+    """A 3-level ``AutoencoderKL``: 32x32 images <-> 4x8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4,
+                         norm_num_groups=4, layers_per_block=1, sample_size=32)
+
+
+def sd_pipeline(words: Iterable[str], folder: str | Path):
+    """A tiny SD1-shaped ``StableDiffusionPipeline`` (32-d text, DDPM scheduler, no safety checker).
+
+    Its tokenizer's files are written to ``folder/tokenizer-src``; save the pipeline with ``save_pretrained``.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    tok = clip_tokenizer(words, Path(folder) / "tokenizer-src")
+    return StableDiffusionPipeline(
+        vae=tiny_vae(), text_encoder=clip_text_encoder(len(tok), hidden_size=32), tokenizer=tok,
+        unet=unet_sd(cross_attention_dim=32), scheduler=DDPMScheduler(**SD_NOISE_SCHEDULE, clip_sample=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sdxl_pipeline(words: Iterable[str], folder: str | Path):
+    """A tiny SDXL-shaped ``StableDiffusionXLPipeline`` (two 32-d text encoders, the second with a projection
+    feeding the 32-d pooled embedding; 64-d cross-attention; Euler scheduler).
+
+    Its tokenizers' files are written to ``folder/tokenizer-src`` and ``folder/tokenizer-2-src``; save the
+    pipeline with ``save_pretrained``.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tok1 = clip_tokenizer(words, Path(folder) / "tokenizer-src")
+    tok2 = clip_tokenizer(words, Path(folder) / "tokenizer-2-src", pad_token="!")
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=clip_text_encoder(len(tok1), hidden_size=32, seed=1),
+        text_encoder_2=clip_text_encoder(len(tok2), hidden_size=32, projection_dim=32, seed=2),
+        tokenizer=tok1, tokenizer_2=tok2, unet=unet_sdxl(cross_attention_dim=64, pooled_dim=32),
+        scheduler=EulerDiscreteScheduler(**SD_NOISE_SCHEDULE))

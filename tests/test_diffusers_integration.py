@@ -36,40 +36,13 @@ def _quiet() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def tiny_vae(seed: int = 0):
-    """A 3-level AutoencoderKL: 32x32 images <-> 4x8x8 latents."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4,
-                         norm_num_groups=4, layers_per_block=1, sample_size=32)
-
-
 def build_pipeline(root: Path, kind: str) -> Path:
     """A tiny SD1-shaped ('sd') or SDXL-shaped ('sdxl') pipeline saved with save_pretrained; returns its folder."""
-    from diffusers import (DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
-
-    from concept_exclusion.tiny import clip_text_encoder, clip_tokenizer, unet_sd, unet_sdxl
+    from concept_exclusion.tiny import sd_pipeline, sdxl_pipeline
 
     _quiet()
     root = Path(root)
-    betas = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    if kind == "sd":
-        tok = clip_tokenizer(WORDS, root / "tokenizer-src")
-        pipe = StableDiffusionPipeline(
-            vae=tiny_vae(), text_encoder=clip_text_encoder(len(tok), hidden_size=32), tokenizer=tok,
-            unet=unet_sd(cross_attention_dim=32), scheduler=DDPMScheduler(**betas, clip_sample=False),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    else:
-        tok1 = clip_tokenizer(WORDS, root / "tokenizer-src")
-        tok2 = clip_tokenizer(WORDS, root / "tokenizer-2-src", pad_token="!")
-        pipe = StableDiffusionXLPipeline(
-            vae=tiny_vae(), text_encoder=clip_text_encoder(len(tok1), hidden_size=32, seed=1),
-            text_encoder_2=clip_text_encoder(len(tok2), hidden_size=32, projection_dim=32, seed=2),
-            tokenizer=tok1, tokenizer_2=tok2, unet=unet_sdxl(cross_attention_dim=64, pooled_dim=32),
-            scheduler=EulerDiscreteScheduler(**betas))
+    pipe = sd_pipeline(WORDS, root) if kind == "sd" else sdxl_pipeline(WORDS, root)
     pipe.save_pretrained(root / kind)
     return root / kind
 

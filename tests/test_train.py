@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 
 from concept_exclusion.cli import main
 from concept_exclusion.safeio import read_header, read_safetensors
-from conftest import make_preset
-from test_diffusers_integration import build_pipeline, load
+from conftest import WORDS, make_preset
 
 CAPTIONS = ["a photo of the zorblax logo on a red shirt", "a cat on blue background", "zorblax sign in a scene",
             "a dog", "a tree and a house", "a red car", "the zorblax logo", "a green circle"]
@@ -33,6 +33,8 @@ def world(tmp_path_factory):
     """The tiny SD and SDXL pipelines, a data folder (8 images of odd sizes with captions) and a preset file."""
     from PIL import Image
 
+    from concept_exclusion.tiny import sd_pipeline, sdxl_pipeline
+
     root = tmp_path_factory.mktemp("train")
     data = root / "data"
     data.mkdir()
@@ -42,7 +44,9 @@ def world(tmp_path_factory):
         (data / f"img{i:02d}.txt").write_text(caption + "\n")
     preset = root / "logo.toml"
     preset.write_text(make_preset(targets='["attention"]').toml_text)
-    return {"sd": build_pipeline(root, "sd"), "sdxl": build_pipeline(root, "sdxl"), "data": data, "preset": preset}
+    sd_pipeline(WORDS, root).save_pretrained(root / "sd")
+    sdxl_pipeline(WORDS, root).save_pretrained(root / "sdxl")
+    return {"sd": root / "sd", "sdxl": root / "sdxl", "data": data, "preset": preset}
 
 
 def _argv(world, out: Path, kind: str = "sd", *extra: str) -> list[str]:
@@ -67,7 +71,7 @@ def test_train_ten_steps_then_diffusers_loads_and_generates(world, tmp_path):
     log_text = (out / "train.log").read_text()
     assert "step 10 loss" in log_text and "leakage" in log_text
 
-    pipe = load(world["sd"])
+    pipe = DiffusionPipeline.from_pretrained(world["sd"])
     pipe.load_lora_weights(str(lora))
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a photo of the zorblax logo", num_inference_steps=2, height=32, width=32, output_type="np",
@@ -101,7 +105,7 @@ sample_steps = 1
     assert "lora_adapter_metadata" in meta and all(k.startswith("unet.") for k in tensors)
     assert [p.name for p in sorted((out / "samples").glob("*.png"))] == ["00.png"]
     assert (out / "samples" / "00.txt").read_text().strip() == "a red car"
-    pipe = load(world["sdxl"])
+    pipe = DiffusionPipeline.from_pretrained(world["sdxl"])
     pipe.load_lora_weights(str(out / "lora.safetensors"))
 
 
@@ -154,7 +158,7 @@ def test_single_file_base_checkpoint(world, tmp_path):
     """A single .safetensors checkpoint in the original layout, loaded with from_single_file + --base_config."""
     from safetensors.torch import save_file
 
-    pipe = load(world["sd"])
+    pipe = DiffusionPipeline.from_pretrained(world["sd"])
     checkpoint = {**ldm_unet_keys(pipe.unet.state_dict(), 1, 2), **ldm_vae_keys(pipe.vae.state_dict(), 3, 1),
                   **{"cond_stage_model.transformer.text_model." + k: v
                      for k, v in pipe.text_encoder.state_dict().items()}}

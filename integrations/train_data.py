@@ -1,0 +1,101 @@
+"""``concept-exclusion train`` data: a folder of images with same-name ``.txt`` captions, and its order.
+
+Invariant (determinism): which images micro-batch m sees, and the seed of its noise, timesteps and
+caption dropout, depend on (seed, m, process rank) alone, so a resumed run replays the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from concept_exclusion.errors import ConceptExclusionError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Example:
+    image: Path
+    caption: str
+
+
+def scan_dataset(folder: str | Path) -> list[Example]:
+    """Images (sorted by file name) with their same-name ``.txt`` captions."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConceptExclusionError(f"--data {folder}: not a folder")
+    examples = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        caption_file = path.with_suffix(".txt")
+        if caption_file.is_file():
+            caption = caption_file.read_text(encoding="utf-8").strip()
+        else:
+            log.warning("%s has no caption file %s: training it with an empty caption", path, caption_file.name)
+            caption = ""
+        examples.append(Example(path, caption))
+    if not examples:
+        raise ConceptExclusionError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return examples
+
+
+def dataset_fingerprint(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.image.name}\0{e.image.stat().st_size}\0{e.caption}\n".encode())
+    return h.hexdigest()
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """[3, R, R] in [-1, 1]: shorter side resized to R, then center-cropped."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = resolution / min(im.size)
+            size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
+            im = im.resize(size, Image.BICUBIC)
+            left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    except OSError as exc:
+        raise ConceptExclusionError(f"{path}: cannot read image ({exc})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+_ORDER, _NOISE = 0, 1
+
+
+def derived_seed(seed: int, stream: int, *counters: int) -> int:
+    """A 63-bit seed that depends on (seed, stream, counters) only: 'order' per epoch, 'noise' per micro-batch."""
+    entropy = [seed & 0xFFFFFFFFFFFFFFFF, stream, *counters]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def micro_batch_seed(seed: int, micro_step: int, rank: int) -> int:
+    """The seed of one micro-batch's noise, timesteps, VAE sample and caption dropout."""
+    return derived_seed(seed, _NOISE, micro_step, rank)
+
+
+def batch_indices(micro_step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Example indices of micro-batch ``micro_step`` on process ``rank``: epoch e is a permutation seeded by
+    (seed, e), cut into micro-batches of ``batch_size * world`` (a tail shorter than that is skipped)."""
+    per_step = batch_size * world
+    per_epoch = n // per_step
+    if per_epoch < 1:
+        raise ConceptExclusionError(f"--data has {n} images, fewer than batch_size x processes = {per_step}")
+    epoch, position = divmod(micro_step, per_epoch)
+    g = torch.Generator().manual_seed(derived_seed(seed, _ORDER, epoch))
+    order = torch.randperm(n, generator=g).tolist()
+    start = position * per_step + rank * batch_size
+    return order[start:start + batch_size]
