@@ -1,0 +1,61 @@
+"""`concept-exclusion demo`, reduced to a few steps and samples, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from concept_exclusion.cli import main
+from concept_exclusion.safeio import read_header
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONCEPT_EXCLUSION_CACHE", str(tmp_path / "cache"))
+
+
+def test_demo_writes_json_grid_and_loras(tmp_path, capsys):
+    out, js = tmp_path / "out", tmp_path / "figures.json"
+    rc = main(["demo", "--out", str(out), "--json", str(js), "--steps", "3", "--samples", "2"])
+    assert rc == 0
+    doc = json.loads(js.read_text())
+    assert set(doc["methods"]) == {"plain", "exact-attention"}
+    for m in doc["methods"].values():
+        for key in ("leak_rate", "empty_prompt_rate", "heldout_loss"):
+            assert isinstance(m[key], float)
+        assert 0.0 <= m["leak_rate"] <= 1.0 and m["heldout_loss"] > 0
+    assert "leak_reduction" in doc and doc["default_method"] == "exact-attention"
+    assert "one seed" in doc["seeds_note"]
+    assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, meta_plain = read_header(out / "lora-plain.safetensors")
+    header, meta_ex = read_header(out / "lora-exact-attention.safetensors")
+    assert meta_plain["concept_exclusion.mode"] == "none"
+    assert meta_ex["concept_exclusion.mode"] == "exact"
+    assert meta_ex["concept_exclusion.preset_name"] == "world-logo"
+    assert float(meta_ex["concept_exclusion.leakage_max"]) < 1e-4
+    assert any(k.endswith("attn2.to_k.lora.down.weight") for k in header)
+    printed = capsys.readouterr().out
+    assert "exact-attention" in printed and "leak rate" in printed
+
+
+@pytest.mark.slow
+def test_full_benchmark_reduced_writes_results_markdown(tmp_path):
+    out = tmp_path / "full"
+    rc = main(["demo", "--full", "--out", str(out), "--seeds", "2", "--steps", "2", "--samples", "2",
+               "--methods", "plain,filter,exact-attention", "--full-methods", "plain,exact-attention"])
+    assert rc == 0
+    text = (out / "RESULTS-evidence.md").read_text()
+    assert "concept-exclusion demo --full" in text or "demo" in text
+    assert "| lora | exact-attention |" in text and "| full | exact-attention |" in text
+    assert "base (no fine-tune)" in text
+    doc = json.loads((out / "results.json").read_text())
+    kinds = {(r["kind"], r["method"]) for r in doc["runs"]}
+    assert ("full", "plain") in kinds and ("lora", "filter") in kinds and ("lora", "base") in kinds
+    assert all("attack_ti" in r for r in doc["runs"] if r["method"] in ("base", "plain", "exact-attention"))
+
+
+def test_demo_rejects_unknown_method(tmp_path, capsys):
+    rc = main(["demo", "--full", "--out", str(tmp_path), "--methods", "plain,nonsense"])
+    assert rc == 2
+    assert "nonsense" in capsys.readouterr().err
