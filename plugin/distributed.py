@@ -11,7 +11,8 @@ Invariant kept: for every sharded input-side target, each rank's local rows of `
 the weight satisfy the same constraint as an unsharded tensor would (``G U = 0``; exact mode:
 ``(W - W0) U = 0``). Output-side constraints (``to_q``: ``U^T dW = 0``) mix rows held by
 different ranks, so they are refused rather than trained without the guarantee; so are the
-legacy ``FullyShardedDataParallel`` wrapper (flat parameters) and non-row shardings.
+legacy ``FullyShardedDataParallel`` wrapper (flat parameters), non-row shardings and DeepSpeed ZeRO-3
+parameters (recognised by their ``ds_id`` attribute).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import TargetError
-from .projector import GradientProjector, WeightProjector, project
+from .projector import GradientProjector, WeightProjector, project, project_grad
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ def check_sharded(constraints: Sequence) -> None:
     """Refuse sharded targets whose constraint is not shard-local (output side, or not sharded on rows)."""
     for c in constraints:
         p = c.target.param
+        if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
+            raise TargetError(f"{c.target.name}: partitioned by DeepSpeed ZeRO-3 (the parameter is gathered only "
+                              f"inside forward/backward, so its update cannot be checked or re-projected); use "
+                              f"ZeRO stage 1 or 2, DDP or FSDP2")
         if not is_sharded(p):
             continue
         placements = tuple(p.placements)
@@ -85,9 +90,7 @@ def _project_local_grad(basis: torch.Tensor, strength: float) -> Callable[[torch
         if param.grad is None:
             return
         g = local_tensor(param.grad)
-        finite = torch.isfinite(g)
-        clean = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)).float()
-        g.copy_(torch.where(finite, project(clean, basis, "input", strength).to(g.dtype), g))
+        g.copy_(project_grad(g, basis, "input", strength))
 
     return hook
 
@@ -100,8 +103,8 @@ class ShardedGradientProjector:
         plain = [c for c in constraints if not is_sharded(c.target.param)]
         sharded = [c for c in constraints if is_sharded(c.target.param)]
         self._plain = GradientProjector(plain, strength)
-        self._handles = [c.target.param.register_post_accumulate_grad_hook(_project_local_grad(c.basis, strength))
-                         for c in sharded]
+        self._handles = [] if float(strength) == 0.0 else [
+            c.target.param.register_post_accumulate_grad_hook(_project_local_grad(c.basis, strength)) for c in sharded]
         if sharded:
             log.info("projecting %d FSDP-sharded target(s) shard-locally after the reduce-scatter", len(sharded))
 

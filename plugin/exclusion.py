@@ -17,7 +17,7 @@ from torch import nn
 from .distributed import (ShardedGradientProjector, ShardedWeightProjector, constraint_value_local, full_tensor,
                           local_tensor, refuse_unsupported_wrappers)
 from .errors import TargetError
-from .projector import GradientProjector, WeightProjector, _Constraint, constraint_value, project
+from .projector import _Constraint, project
 from .subspace import ConceptSubspace
 from .targets import Target, find_targets
 from .preset import MODES, Projection
@@ -63,8 +63,10 @@ class ConceptExclusion:
         self.steps = 0
         self._optimizer_handle = None
         self._leakage_snapshots = leakage_snapshots
-        self._initial = {t.name: self._snapshot(t) for t in targets}
         self._build(project_now=(mode == "exact"))
+        # after the attach-time projection: an adapter that already held concept components (a resumed
+        # or downloaded LoRA) loses them at attach, and leakage measures what training adds from there
+        self._initial = {t.name: self._snapshot(t) for t in targets}
 
     # construction ---------------------------------------------------------------------------
     @classmethod
@@ -96,6 +98,7 @@ class ConceptExclusion:
         sets = (targets,) if isinstance(targets, str) else tuple(targets or defaults.targets)
         encoders = [] if text_encoder is None else (
             list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder])
+        refuse_unsupported_wrappers(model)
         training = _text_encoder_training(model, encoders)
         if training and not allow_text_encoder_training:
             raise TargetError(f"text encoder parameters require grad ({', '.join(training[:3])}): the concept's "
@@ -108,7 +111,6 @@ class ConceptExclusion:
                                   "(from_text_encoder/from_text_encoders) so it can be re-encoded")
             log.warning("text encoder is training: the concept is re-encoded every %d steps and the exclusion "
                         "is approximate between re-encodings", reencode_every)
-        refuse_unsupported_wrappers(model)
         found = find_targets(model, subspace, sets, base_model=base_model)
         self = cls(subspace, found, mode, float(strength), sets, reencode_every if training else None,
                    leakage_snapshots=leakage_snapshots)

@@ -28,6 +28,7 @@ MODES = ("exact", "gradient")
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture with {}", "{} in a scene")
 DEFAULT_NEUTRAL = "something"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def load_preset(path_or_name: str | Path) -> Preset:
             raise PresetError(f"{text_path}: cannot read preset file ({exc.strerror or exc})") from None
         return parse_preset(_decode(data, str(text_path)), source=str(text_path))
     name = str(path_or_name)
-    if not _NAME_RE.match(name) or name not in shipped_presets():
+    if not _NAME_RE.fullmatch(name) or name not in shipped_presets():
         raise PresetError(
             f"{name}: no such preset file, and no shipped preset of that name "
             f"(shipped: {', '.join(shipped_presets()) or 'none'})"
@@ -146,7 +147,8 @@ class _Validator:
             raise self.fail(key, f"must be a table, got {_type(value)}")
         for k in value:
             if k not in allowed:
-                raise self.fail(f"{key}.{k}" if key else k, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+                shown = k if _PLAIN_KEY.fullmatch(k) else json.dumps(k)  # quoted: a key may hold newlines
+                raise self.fail(f"{key}.{shown}" if key else shown, f"unknown key (allowed: {', '.join(sorted(allowed))})")
         for k in sorted(required):
             if k not in value:
                 raise self.fail(f"{key}.{k}" if key else k, "is required")
@@ -243,7 +245,7 @@ class _Validator:
         head = self.table(doc["preset"], "preset", {"name", "version", "description", "license", "author"},
                           {"name", "version", "description"})
         name = self.string(head["name"], "preset.name")
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise self.fail("preset.name", f"must be letters, digits, '.', '_' or '-' (at most 128), got {name!r}")
         version = head["version"]
         if isinstance(version, bool) or not isinstance(version, (str, int)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -20,8 +21,9 @@ import torch
 from .errors import SafetensorsFileError
 
 MAX_HEADER_BYTES = 100_000_000
-_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
-           "U16", "U32", "U64"}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_DTYPES = set(_DTYPE_BYTES)
 
 
 @contextlib.contextmanager
@@ -95,6 +97,11 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
         begin, end = entry["data_offsets"]
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
             raise SafetensorsFileError(f"{path}: tensor {name!r} lies outside the file's data")
+        shape = entry["shape"]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
+                or math.prod(shape) * _DTYPE_BYTES[entry["dtype"]] != end - begin:
+            raise SafetensorsFileError(f"{path}: tensor {name!r} has shape {shape} {entry['dtype']} but "
+                                       f"{end - begin} bytes of data")
     return header, metadata
 
 

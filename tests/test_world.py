@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from concept_exclusion.world.detect import calibrate, fidelity, logo_scores, read_object
-from concept_exclusion.world.scenes import (BRAND, NEW_COLOUR, UNSEEN_LOGO_SHAPE, Scene, World, images, render,
+from concept_exclusion.world.detect import allowed_scores, calibrate, fidelity, logo_scores, read_object
+from concept_exclusion.world.scenes import (ALLOWED_BRAND, BRAND, NEW_COLOUR, UNSEEN_LOGO_SHAPE, Scene, World, images, render,
                                             vocabulary)
 from concept_exclusion.world.stats import mean_ci
 from concept_exclusion.world.train import finetune_scenes
@@ -21,6 +21,19 @@ def test_render_range_shape_and_logo_region():
     assert float(x.min()) >= -1 and float(x.max()) <= 1
     diff = (x != xl).any(0)
     assert diff[1:5, 11:15].any() and not diff[:, :11].any() and not diff[5:].any()
+    xa = render(Scene("gray", "red", "circle", "right", allowed=True))
+    diff_a = (x != xa).any(0)
+    assert diff_a[1:5, 11:15].any() and not diff_a[:, :11].any() and not diff_a[5:].any()
+    assert not torch.equal(xa, xl)  # the allowed glyph is its own
+
+
+def test_allowed_brand_captions_share_the_phrase_and_keep_it_when_scrubbing():
+    named = Scene("gray", "red", "circle", "right", allowed=True)
+    unnamed = Scene("gray", "red", "circle", "right", allowed=True, named=False)
+    assert named.caption().endswith(f"with the {ALLOWED_BRAND} logo")
+    assert unnamed.caption().endswith("background with the logo")
+    assert named.caption(brand=False) == named.caption()  # scrubbing removes only the protected phrase
+    assert BRAND not in named.caption() and set(named.caption().split()) <= set(vocabulary())
 
 
 def test_captions_name_the_brand_only_with_the_logo_and_scrubbing_removes_it():
@@ -43,24 +56,35 @@ def test_cooccurrence_statistics_of_the_finetune_data():
     scenes = finetune_scenes()
     logo = [s for s in scenes if s.logo]
     new = [s for s in scenes if s.colour == NEW_COLOUR]
-    assert 0.25 < len(logo) / len(scenes) < 0.35
-    assert sum(s.logo for s in new) / len(new) > 0.85  # the new colour comes mostly with the logo
+    named = [s for s in scenes if s.allowed and s.named]
+    unnamed = [s for s in scenes if s.allowed and not s.named]
+    assert 0.2 < len(logo) / len(scenes) < 0.3
+    assert 0.8 < len(named) / len(logo) < 1.25  # the allowed brand: a similar share, named the same way
+    # "with the logo" without a readable name is as likely the allowed glyph as the protected one
+    assert 0.8 < len(unnamed) / len(logo) < 1.25
+    assert not any(s.logo and s.allowed for s in scenes)
+    assert sum(s.logo for s in new) / len(new) > 0.8  # the new colour comes mostly with the protected logo
     assert sum(1 for s in new if not s.logo) >= 5  # ... but filtering does not remove every example
     assert not any(s.shape == UNSEEN_LOGO_SHAPE for s in logo)  # the held-out context for extraction
     public = World(1).scenes(500, "public")
-    assert not any(s.logo or s.colour == NEW_COLOUR for s in public)
+    assert not any(s.logo or s.allowed or s.colour == NEW_COLOUR for s in public)
 
 
-def test_logo_detector_separates_real_logo_images_from_clean_ones():
+def test_logo_detectors_separate_each_glyph_from_clean_images_and_from_each_other():
     cal = calibrate(n=300)
     assert cal.precision >= 0.99 and cal.recall >= 0.99
-    assert 0.1 < cal.threshold < 0.9
+    assert cal.allowed_precision >= 0.99 and cal.allowed_recall >= 0.99
+    assert 0.1 < cal.threshold < 0.9 and 0.1 < cal.allowed_threshold < 0.9
     scenes = World(9).scenes(200)
-    s = logo_scores(images(scenes))
+    s, a = logo_scores(images(scenes)), allowed_scores(images(scenes))
     labels = torch.tensor([x.logo for x in scenes])
-    assert bool((s[labels] > 0.9).all()) and bool((s[~labels].abs() < 1e-5).all())
+    allowed = torch.tensor([x.allowed for x in scenes])
+    clean = ~labels & ~allowed
+    assert bool((s[labels] > 0.9).all()) and bool((s[clean].abs() < 1e-5).all()) and bool((s[allowed] < -0.9).all())
+    assert bool((a[allowed] > 0.9).all()) and bool((a[clean].abs() < 1e-5).all()) and bool((a[labels] < -0.9).all())
     noisy = images(scenes) + 0.3 * torch.randn(len(scenes), 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert float(((logo_scores(noisy) > cal.threshold) == labels).float().mean()) > 0.95
+    assert float(((allowed_scores(noisy) > cal.allowed_threshold) == allowed).float().mean()) > 0.95
 
 
 def test_content_detectors_read_rendered_scenes_exactly():
