@@ -17,7 +17,7 @@ from torch import nn
 from .distributed import (ShardedGradientProjector, ShardedWeightProjector, constraint_value_local, full_tensor,
                           local_tensor, refuse_unsupported_wrappers)
 from .errors import TargetError
-from .projector import _Constraint, project
+from .projector import _Constraint
 from .subspace import ConceptSubspace
 from .targets import Target, find_targets
 from .preset import MODES, Projection

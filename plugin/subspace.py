@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ._version import __version__
-from .embeddings import CONTEXT, POOLED, TextEncoders, concept_rows
+from .embeddings import CONTEXT, TextEncoders, concept_rows
 from .errors import SafetensorsFileError, SubspaceError
 from .preset import Preset, parse_preset
 from .safeio import read_safetensors, write_safetensors

@@ -44,6 +44,30 @@ def _threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each test (like each real CLI process) starts from none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def write_captioned_images(folder, captions, size=lambda i: (32, 32), name=lambda i: f"{i}"):
+    """A kohya-style dataset: random RGB images with same-name ``.txt`` captions, seeded. Returns ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(captions):
+        h, w = size(i)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name(i)}.png")
+        (folder / f"{name(i)}.txt").write_text(caption)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sd(tmp_path_factory):
     """SD1-shaped: tokenizer, text encoder (32-d) and a UNet factory, all reloaded from disk."""

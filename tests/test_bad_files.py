@@ -15,7 +15,6 @@ import re
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +23,7 @@ from concept_exclusion import ConceptExclusionError, ConceptSubspace
 from concept_exclusion.cli import main
 from concept_exclusion.safeio import MAX_HEADER_BYTES, read_header
 
-from conftest import make_preset
+from conftest import make_preset, write_captioned_images
 
 STRUCTURAL = ["truncated-header", "truncated-data", "length-past-eof", "not-json", "metadata-not-string",
               "metadata-nested", "shape-vs-bytes", "huge-header"]
@@ -149,30 +148,15 @@ def test_huge_header_is_refused_without_reading_it(tmp_path):
 
 
 # --- the command line: audit, inspect, train --resume ------------------------------------------------
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-step ``concept-exclusion train`` run with a checkpoint after step 1: its LoRA and checkpoint."""
-    from PIL import Image
 
     from accelerate.state import AcceleratorState
     from test_diffusers_integration import build_pipeline
 
     root = tmp_path_factory.mktemp("bad-files")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a photo of a cat", "the zorblax logo", "a red car", "a dog"]):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(caption)
+    data = write_captioned_images(root / "data", ["a photo of a cat", "the zorblax logo", "a red car", "a dog"])
     preset = root / "logo.toml"
     preset.write_text(make_preset().toml_text)
     base = build_pipeline(root, "sd")

@@ -285,3 +285,19 @@ def test_text_encoder_training_allowed_reencodes(sd):
     u = ex.subspace.basis().float()
     for m in _kv_weights(unet).values():
         assert float((m.lora_A["default"].weight.detach() @ u).abs().max()) < 1e-5
+
+
+def test_existing_adapter_loses_concept_components_at_attach(sd):
+    """A LoRA that already learned something (resumed, downloaded) is projected at attach; training from
+    there keeps the invariant relative to the projected weights."""
+    unet = _peft_unet(sd)
+    for m in _kv_weights(unet).values():
+        with torch.no_grad():
+            m.lora_B["default"].weight.normal_()
+    sub = ConceptSubspace.from_text_encoder(make_preset(), sd.tokenizer, sd.text_encoder)
+    u = sub.basis().float()
+    assert max(_ratio(_peft_delta(m), u) for m in _kv_weights(unet).values()) > 0.1
+    params = [p for p in unet.parameters() if p.requires_grad]
+    ex = _train(unet, _sd_forward(unet, _context(sd)), params, {}, sub, steps=20)
+    assert max(_ratio(_peft_delta(m), u) for m in _kv_weights(unet).values()) <= TOL
+    assert ex.max_leakage() <= TOL

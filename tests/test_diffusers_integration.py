@@ -18,15 +18,6 @@ from conftest import WORDS, make_preset
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state; each run here (like each real CLI process) starts from none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 def _quiet() -> None:
     import transformers

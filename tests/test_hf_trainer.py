@@ -21,15 +21,6 @@ CAPTIONS = ["a photo of the zorblax logo on a red shirt", "zorblax sign in a sce
             "a cat with the zorblax brand", "a dog on green background", "a tree and a house"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state; each run here (like each real CLI process) starts from none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 class TinyDiffusion(nn.Module):
     """A tiny UNet2DConditionModel trained with DDPM's noise-prediction loss, conditioned by a frozen CLIP encoder."""

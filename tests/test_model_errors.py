@@ -17,7 +17,7 @@ from torch import nn
 from concept_exclusion import ConceptExclusion, ConceptSubspace, SubspaceError, TargetError, parse_preset
 from concept_exclusion.cli import main
 
-from conftest import make_preset
+from conftest import make_preset, write_captioned_images
 
 BASE = """
 [preset]
@@ -128,28 +128,13 @@ prompts = ["logo", "sign"]
 # --- the same through the command line: exit 2, one line, nothing written -------------------------------
 @pytest.fixture(scope="module")
 def pipeline_and_data(tmp_path_factory):
-    import numpy as np
-    from PIL import Image
 
     from test_diffusers_integration import build_pipeline
 
     root = tmp_path_factory.mktemp("model-errors")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a photo of a cat", "the zorblax logo"]):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(caption)
+    data = write_captioned_images(root / "data", ["a photo of a cat", "the zorblax logo"])
     return build_pipeline(root, "sd"), data
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.mark.parametrize("case, message", [

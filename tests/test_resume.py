@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,35 +21,21 @@ from concept_exclusion.cli import main
 from concept_exclusion.metadata import PREFIX, read_basis
 from concept_exclusion.safeio import read_safetensors
 
-from conftest import make_preset
+from conftest import make_preset, write_captioned_images
 
 STEPS = 40
 EVERY = 4
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from PIL import Image
 
     from test_diffusers_integration import build_pipeline
 
     root = tmp_path_factory.mktemp("resume")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
     captions = ["a photo of a cat", "the zorblax logo on a shirt", "a red car", "a dog", "a tree", "zorblax sign"]
-    for i, caption in enumerate(captions):
-        Image.fromarray(rng.integers(0, 255, (36, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(caption)
+    data = write_captioned_images(root / "data", captions, size=lambda i: (36, 32))
     preset = root / "logo.toml"
     preset.write_text(make_preset().toml_text)
     base = build_pipeline(root, "sd")

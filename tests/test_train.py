@@ -12,36 +12,22 @@ from diffusers import DiffusionPipeline
 
 from concept_exclusion.cli import main
 from concept_exclusion.safeio import read_header, read_safetensors
-from conftest import WORDS, make_preset
+from conftest import make_preset, WORDS, write_captioned_images
 
 CAPTIONS = ["a photo of the zorblax logo on a red shirt", "a cat on blue background", "zorblax sign in a scene",
             "a dog", "a tree and a house", "a red car", "the zorblax logo", "a green circle"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process-wide state; each run here (like each real CLI process) starts from none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The tiny SD and SDXL pipelines, a data folder (8 images of odd sizes with captions) and a preset file."""
-    from PIL import Image
 
     from concept_exclusion.tiny import sd_pipeline, sdxl_pipeline
 
     root = tmp_path_factory.mktemp("train")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(CAPTIONS):
-        Image.fromarray(rng.integers(0, 255, (40 + 4 * i, 36, 3), dtype=np.uint8)).save(data / f"img{i:02d}.png")
-        (data / f"img{i:02d}.txt").write_text(caption + "\n")
+    data = write_captioned_images(root / "data", [c + "\n" for c in CAPTIONS], size=lambda i: (40 + 4 * i, 36),
+                                  name=lambda i: f"img{i:02d}")
     preset = root / "logo.toml"
     preset.write_text(make_preset(targets='["attention"]').toml_text)
     sd_pipeline(WORDS, root).save_pretrained(root / "sd")
