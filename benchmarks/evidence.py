@@ -6,6 +6,8 @@
     python benchmarks/evidence.py --kinds lora --out benchmarks/evidence-lora
     python benchmarks/evidence.py --kinds full --out benchmarks/evidence-full
     python benchmarks/evidence.py --merge benchmarks/evidence-lora/results.json benchmarks/evidence-full/results.json
+    # ... into another report file, with notes appended:
+    python benchmarks/evidence.py --merge a/results.json b/results.json --notes notes.md --target report.md
 
 Writes benchmarks/evidence-output/ (grid.png, results.json, the first seed's two LoRA files and the report)
 and copies the report (table, bar, grid, machine, this command) to benchmarks/RESULTS-evidence.md.
@@ -27,7 +29,7 @@ from concept_exclusion.demo import _configs, command_line, register, run_benchma
 HERE = Path(__file__).resolve().parent
 
 
-def merge(paths: list[Path], command: str, notes: Path | None = None) -> Path:
+def merge(paths: list[Path], command: str, notes: Path | None = None, target: Path | None = None) -> Path:
     """One report from several runs' results.json (e.g. the LoRA and the full fine-tuning process)."""
     from concept_exclusion.world.bench import summarize
     from concept_exclusion.world.report import write_results
@@ -49,9 +51,10 @@ def merge(paths: list[Path], command: str, notes: Path | None = None) -> Path:
                "subspace_ranks": {k: v for d in docs for k, v in d["subspace_ranks"].items()},
                "runs": [r for d in loaded for r in d["runs"]]}
     rows = summarize(results)
-    target = HERE / "RESULTS-evidence.md"
+    target = target or HERE / "RESULTS-evidence.md"
     grid = Path(docs[0]["grid"]).resolve()
-    grid_name = str(grid.relative_to(HERE)) if grid.is_relative_to(HERE) else str(grid)
+    folder = target.resolve().parent
+    grid_name = str(grid.relative_to(folder)) if grid.is_relative_to(folder) else str(grid)
     wall = max(d["seconds"] for d in docs)
     commands = "\n".join([*(d.get("command", "?") for d in loaded), command])
     from concept_exclusion.world import coverage as cov
@@ -79,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             argv_files = argv[1:i] + argv[i + 2:]
         else:
             argv_files = argv[1:]
+        target = None
+        if "--target" in argv_files:
+            i = argv_files.index("--target")
+            target = Path(argv_files[i + 1])
+            argv_files = argv_files[:i] + argv_files[i + 2:]
         paths = [Path(p) for p in argv_files]
-        target = merge(paths, "python benchmarks/evidence.py " + " ".join(shlex.quote(a) for a in argv), notes)
+        target = merge(paths, "python benchmarks/evidence.py " + " ".join(shlex.quote(a) for a in argv), notes,
+                       target)
         print(f"Wrote {target}.")
         return 0
     args = parser.parse_args(["demo", "--full", *argv])

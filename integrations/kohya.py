@@ -95,10 +95,9 @@ class ConceptExclusionNetwork(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            pass
-        base = self.__dict__.get("_modules", {}).get("base_network")
-        if base is None:
-            raise AttributeError(name)
+            base = self.__dict__.get("_modules", {}).get("base_network")
+            if base is None:
+                raise
         return getattr(base, name)
 
     @property

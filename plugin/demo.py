@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--full-methods", help="comma-separated methods for full fine-tuning in --full (default: same)")
     p.add_argument("--kinds", default="lora,full", help="with --full: fine-tune kinds (default: lora,full)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared CPU)")
+    p.add_argument("--no-attacks", action="store_true", help="with --full: skip the adaptive attacks")
     p.add_argument("--pretrain", action="store_true", help="pre-train the base model now instead of the shipped one")
     p.set_defaults(func=main)
 
@@ -77,7 +78,7 @@ def _configs(args):
         raise ConceptExclusionError(f"--kinds: expected lora and/or full, got {args.kinds!r}")
     return BenchConfig(methods=methods, kinds=kinds,
                        seeds=tuple(range(args.first_seed, args.first_seed + (args.seeds or 3))), lora=lora, full=full, full_methods=full_methods,
-                       evaluation=evaluation, attacks=attacks)
+                       evaluation=evaluation, attacks=None if getattr(args, "no_attacks", False) else attacks)
 
 
 def run_benchmark(cfg, out: Path, json_path: Path | None, full: bool, command: str, pretrain: bool = False,
@@ -141,7 +142,7 @@ def run_benchmark(cfg, out: Path, json_path: Path | None, full: bool, command: s
 def command_line(args, program: str = "concept-exclusion demo") -> str:
     """The command that reproduces ``args`` (options in a fixed order, defaults left out)."""
     parts = [program]
-    for flag in ("full", "pretrain"):
+    for flag in ("full", "no_attacks", "pretrain"):
         if getattr(args, flag, False):
             parts.append("--" + flag.replace("_", "-"))
     for flag in ("kinds", "first_seed", "seeds", "steps", "samples", "methods", "full_methods", "threads", "out", "json"):

@@ -25,6 +25,8 @@ def test_demo_writes_json_grid_and_loras(tmp_path, capsys):
         for key in ("leak_rate", "empty_prompt_rate", "heldout_loss"):
             assert isinstance(m[key], float)
         assert 0.0 <= m["leak_rate"] <= 1.0 and m["heldout_loss"] > 0
+        # world 2: the allowed brand's binding is measured next to the protected one's
+        assert 0.0 <= m["allowed_leak_rate"] <= 1.0 and isinstance(m["allowed_probe"], float)
     assert "leak_reduction" in doc and doc["default_method"] == "exact-attention"
     assert "one seed" in doc["seeds_note"]
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -36,7 +38,9 @@ def test_demo_writes_json_grid_and_loras(tmp_path, capsys):
     assert float(meta_ex["concept_exclusion.leakage_max"]) < 1e-4
     assert any(k.endswith("attn2.to_k.lora.down.weight") for k in header)
     printed = capsys.readouterr().out
-    assert "exact-attention" in printed and "leak rate" in printed
+    assert "exact-attention" in printed and "leak rate" in printed and "allowed probe" in printed
+    cal = doc["calibration"]
+    assert cal["precision"] >= 0.99 and cal["allowed_precision"] >= 0.99 and cal["allowed_recall"] >= 0.99
 
 
 @pytest.mark.slow

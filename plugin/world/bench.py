@@ -132,11 +132,21 @@ def summarize(results: dict) -> list[dict]:
         group = [r for r in runs if r["kind"] == kind and r["method"] == method]
         row = {"kind": kind, "method": method, "seeds": len(group)}
         for key in ("leak_rate", "leak_rate_seen", "leak_rate_unseen", "empty_prompt_rate", "heldout_loss",
-                    "content_fidelity", "new_content_fidelity", "train_seconds", "attack_ti", "attack_lora"):
+                    "content_fidelity", "new_content_fidelity", "train_seconds", "attack_ti", "attack_lora",
+                    "allowed_leak_rate", "allowed_empty_rate", "protected_rate_allowed_prompts"):
             vals = [r[key] for r in group if key in r]
             if vals:
                 row[key] = mean_ci(vals)
         row["probe"] = mean_ci([r["probe"]["mean"] for r in group])
+        for key in ("allowed_probe", "generic_probe"):  # world 2 only
+            vals = [r[key]["mean"] for r in group if key in r]
+            if vals:
+                row[key] = mean_ci(vals)
+        kept = [r["allowed_probe"]["mean"] / plain[(kind, r["seed"])]["allowed_probe"]["mean"] for r in group
+                if "allowed_probe" in r and (kind, r["seed"]) in plain
+                and plain[(kind, r["seed"])]["allowed_probe"]["mean"] > 0]
+        if kept:
+            row["allowed_probe_kept"] = mean_ci(kept)
         reductions, ratios, pooled_m, pooled_p = [], [], 0.0, 0.0
         for r in group:
             p = plain.get((kind, r["seed"]))
@@ -220,6 +230,9 @@ def table(rows: list[dict], markdown: bool = True) -> str:
     head = ["kind", "method", "seeds", "leak rate", "empty-prompt rate", "reduction (pooled)", "reduction (per-seed)",
             "held-out loss", "vs plain", "content fid.", "new-content fid.", "probe", "probe reduction", "TI attack", "LoRA attack",
             "train s", "bar"]
+    allowed = any("allowed_probe" in r for r in rows)
+    if allowed:  # world 2: the allowed brand's binding, and the generic phrase's pull towards the protected logo
+        head[-2:-2] = ["allowed leak", "allowed empty", "allowed probe", "allowed probe kept", "generic probe"]
     lines = []
     for r in rows:
         g = lambda k, pct=True, d=2: fmt(*r[k], digits=d, pct=pct) if k in r else ""
@@ -233,6 +246,8 @@ def table(rows: list[dict], markdown: bool = True) -> str:
         lines.append([r["kind"], r["method"], str(r["seeds"]), g("leak_rate"), g("empty_prompt_rate"), red_pooled,
                       g("reduction"), g("heldout_loss", False, 4), g("heldout_vs_plain"), g("content_fidelity"),
                       g("new_content_fidelity"), g("probe", False, 3), g("probe_reduction"), g("attack_ti"), g("attack_lora"),
+                      *([g("allowed_leak_rate"), g("allowed_empty_rate"), g("allowed_probe", False, 3),
+                         g("allowed_probe_kept"), g("generic_probe", False, 3)] if allowed else []),
                       g("train_seconds", False, 0), bar])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .detect import Calibration, fidelity, logo_scores
+from .detect import Calibration, allowed_scores, fidelity, logo_scores
 from .model import Text, diffusion_loss, scheduler
-from .scenes import BRAND, NEW_COLOUR, UNSEEN_LOGO_SHAPE, Scene, World, WorldSpec, images
+from .scenes import ALLOWED_BRAND, BRAND, NEW_COLOUR, UNSEEN_LOGO_SHAPE, Scene, World, WorldSpec, images
 
 GUIDANCE = 5.0
 SAMPLE_STEPS = 25
@@ -26,6 +26,7 @@ class EvalConfig:
     """Sample counts per prompt set, and the held-out/probe set sizes."""
 
     n_concept: int = 48  # half in contexts seen in training, half unseen
+    n_allowed: int = 24  # prompts naming the allowed brand (seen contexts)
     n_empty: int = 32
     n_content: int = 32
     n_new: int = 32
@@ -69,6 +70,7 @@ class PromptSets:
 
     concept_seen: list[str]
     concept_unseen: list[str]
+    allowed: list[str]
     content: list[Scene]
     new_content: list[Scene]
     heldout: list[Scene]
@@ -90,7 +92,10 @@ def prompt_sets(seed: int, cfg: EvalConfig = EvalConfig()) -> PromptSets:
     new = [replace(world.public_scene(), colour=NEW_COLOUR) for _ in range(cfg.n_new)]
     heldout = [replace(world.finetune_scene(), logo=False) for _ in range(cfg.n_heldout)]
     probe = [world.public_scene() for _ in range(cfg.n_probe)]
-    return PromptSets(seen, unseen, content, new, heldout, probe)
+    # drawn last, so that the sets above are those of world 1 for the same seed
+    allowed = [replace(world.finetune_scene(), logo=False, allowed=True, named=True).caption()
+               for _ in range(cfg.n_allowed)]
+    return PromptSets(seen, unseen, allowed, content, new, heldout, probe)
 
 
 @torch.no_grad()
@@ -109,17 +114,23 @@ def heldout_loss(unet, text: Text, scenes: list[Scene], seed: int) -> float:
     return sum(losses) / len(scenes)
 
 
+PROBE_PHRASES = {"protected": f" with the {BRAND} logo", "allowed": f" with the {ALLOWED_BRAND} logo",
+                 "generic": " with the logo"}
+
+
 @torch.no_grad()
-def probe(unet, text: Text, scenes: list[Scene], seed: int) -> dict[str, float]:
-    """How far naming the brand moves the predicted x0 towards the logo, per noise level (logo-score units).
+def probe(unet, text: Text, scenes: list[Scene], seed: int, phrase: str = PROBE_PHRASES["protected"],
+          score=logo_scores) -> dict[str, float]:
+    """How far a logo phrase moves the predicted x0 towards a logo, per noise level (logo-score units).
 
     For each clean scene, the same noisy input is denoised with its caption with and without
-    "with the zorblax logo"; the value is the mean logo score of x0(with) minus x0(without).
+    ``phrase`` (default "with the zorblax logo"); the value is the mean ``score`` (default: the
+    protected logo's) of x0(with) minus x0(without).
     """
     sched = scheduler()
     gen = torch.Generator().manual_seed(seed)
     x0 = images(scenes)
-    with_brand = text.encode([replace(s, logo=True).caption() for s in scenes])
+    with_brand = text.encode([s.caption() + phrase for s in scenes])
     without = text.encode([s.caption() for s in scenes])
     out = {}
     for t_val in PROBE_TIMESTEPS:
@@ -131,13 +142,19 @@ def probe(unet, text: Text, scenes: list[Scene], seed: int) -> dict[str, float]:
         for cond in (with_brand, without):
             eps = unet(xt, t, cond).sample
             preds.append(((xt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1))
-        out[f"t{t_val}"] = float((logo_scores(preds[0]) - logo_scores(preds[1])).mean())
+        out[f"t{t_val}"] = float((score(preds[0]) - score(preds[1])).mean())
     out["mean"] = sum(out.values()) / len(PROBE_TIMESTEPS)
     return out
 
 
 def leak_rate(x: torch.Tensor, calibration: Calibration) -> float:
+    """Share of images in which the protected logo is detected."""
     return float((logo_scores(x) > calibration.threshold).float().mean()) if len(x) else 0.0
+
+
+def allowed_rate(x: torch.Tensor, calibration: Calibration) -> float:
+    """Share of images in which the allowed logo is detected."""
+    return float((allowed_scores(x) > calibration.allowed_threshold).float().mean()) if len(x) else 0.0
 
 
 @torch.no_grad()
@@ -149,6 +166,7 @@ def evaluate(unet, text: Text, calibration: Calibration, seed: int, cfg: EvalCon
     groups = {
         "concept_seen": sets.concept_seen,
         "concept_unseen": sets.concept_unseen,
+        "allowed": sets.allowed,
         "empty": [""] * cfg.n_empty,
         "content": [s.caption() for s in sets.content],
         "new_content": [s.caption() for s in sets.new_content],
@@ -173,6 +191,12 @@ def evaluate(unet, text: Text, calibration: Calibration, seed: int, cfg: EvalCon
         "new_content_fidelity": fidelity(split["new_content"], sets.new_content)["colour"],
         "heldout_loss": heldout_loss(unet, text, sets.heldout, seed),
         "probe": probe(unet, text, sets.probe, seed),
+        # the allowed brand: learned in the same run, its binding is what the exclusion must not cost
+        "allowed_leak_rate": allowed_rate(split["allowed"], calibration),
+        "allowed_empty_rate": allowed_rate(split["empty"], calibration),
+        "protected_rate_allowed_prompts": leak_rate(split["allowed"], calibration),
+        "allowed_probe": probe(unet, text, sets.probe, seed, PROBE_PHRASES["allowed"], allowed_scores),
+        "generic_probe": probe(unet, text, sets.probe, seed, PROBE_PHRASES["generic"]),
     }
     if keep_samples:
         result["_samples"] = split

@@ -13,19 +13,34 @@ from .train import DEFAULT_METHOD, METHODS
 def _runs_table(results: dict) -> str:
     head = ["kind", "method", "seed", "leak", "seen", "unseen", "empty", "excess", "held-out", "new-content",
             "probe", "TI", "LoRA-atk", "w-leak"]
+    world2 = any("allowed_probe" in r for r in results["runs"])
+    if world2:
+        head[-1:-1] = ["allowed", "allowed empty", "allowed probe", "generic probe"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["runs"]:
         pct = lambda k: f"{r[k] * 100:.0f}%" if k in r else ""
         if r["method"] == "base":
             lines.append(f"| {r['kind']} | base | {r['seed']} |  |  |  |  |  |  |  |  | {pct('attack_ti')} | "
-                         f"{pct('attack_lora')} |  |")
+                         f"{pct('attack_lora')} | {'|  ' * 4 if world2 else ''}|")
             continue
+        w2 = ""
+        if world2:
+            pr = lambda k: f"{r[k]['mean']:+.3f}" if k in r else ""
+            w2 = f"{pct('allowed_leak_rate')} | {pct('allowed_empty_rate')} | {pr('allowed_probe')} | {pr('generic_probe')} | "
         wl = f"{r['max_weight_leakage']:.1e}" if "max_weight_leakage" in r else ""
         lines.append(f"| {r['kind']} | {r['method']} | {r['seed']} | {pct('leak_rate')} | {pct('leak_rate_seen')} | "
                      f"{pct('leak_rate_unseen')} | {pct('empty_prompt_rate')} | {excess(r) * 100:+.0f} pp | "
                      f"{r['heldout_loss']:.4f} | {pct('new_content_fidelity')} | {r['probe']['mean']:+.3f} | "
-                     f"{pct('attack_ti')} | {pct('attack_lora')} | {wl} |")
+                     f"{pct('attack_ti')} | {pct('attack_lora')} | {w2}{wl} |")
     return "\n".join(lines)
+
+
+def _allowed_detector(cal: dict) -> str:
+    t = cal.get("allowed_threshold")
+    if t is None or (isinstance(t, float) and math.isnan(t)):
+        return ""
+    return (f" Allowed-logo detector (the negative glyph): threshold {t:.3f}, precision "
+            f"{cal['allowed_precision']:.3f}, recall {cal['allowed_recall']:.3f} on the same draw.")
 
 
 def write_results(path: str | Path, results: dict, rows: list[dict], command: str, grid_name: str,
@@ -63,7 +78,7 @@ Evaluation: {cfg['evaluation']}. Attacks: {cfg['attacks']} on {cfg['attack_metho
 
 Logo detector: light-minus-dark contrast of the glyph in its region, threshold {cal['threshold']:.3f} (calibrated
 on rendered images with and without the logo, pixel noise std {cal['noise']}); on a fresh draw of {cal['n']} images
-precision {cal['precision']:.3f}, recall {cal['recall']:.3f}. Subspace ranks by token option: {results['subspace_ranks']}.
+precision {cal['precision']:.3f}, recall {cal['recall']:.3f}.{_allowed_detector(cal)} Subspace ranks by token option: {results['subspace_ranks']}.
 
 ## Methods
 
