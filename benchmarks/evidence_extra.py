@@ -1,5 +1,5 @@
 """Extra runs for the evidence benchmark (no attacks), written as a runs-only JSON that
-``benchmarks/evidence.py --merge`` accepts: ``python benchmarks/evidence_extra.py OUT.json METHOD[,METHOD] SEEDS``."""
+``benchmarks/evidence.py --merge`` accepts: ``python benchmarks/evidence_extra.py OUT.json METHOD[,METHOD] SEEDS [STEPS]``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from concept_exclusion.safeio import write_text
 from concept_exclusion.world.bench import BenchConfig, run
 from concept_exclusion.world.model import load_base
+from concept_exclusion.world.train import TrainConfig
 
 
 def main(argv: list[str]) -> int:
@@ -23,7 +24,8 @@ def main(argv: list[str]) -> int:
         write_text(out, json.dumps({"command": "python benchmarks/evidence_extra.py " + " ".join(argv),
                                     "runs": done}, indent=1, default=str) + "\n")
 
-    run(load_base(), BenchConfig(methods=methods, kinds=("lora",), seeds=seeds), on_run=on_run)
+    lora = TrainConfig(kind="lora", steps=int(argv[3])) if len(argv) > 3 else TrainConfig(kind="lora")
+    run(load_base(), BenchConfig(methods=methods, kinds=("lora",), seeds=seeds, lora=lora), on_run=on_run)
     return 0
 
 

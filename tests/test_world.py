@@ -155,3 +155,17 @@ def test_basis_coverage_diagnostic_is_a_share(base):
         assert 0.0 <= rows[0][key] <= 1.0 + 1e-9
     assert rows[0]["brand_token"] > 0.5  # the preset's own token is mostly inside its basis
     assert "| world-logo | all |" in coverage_table(rows)
+
+
+def test_scrub_name_control_turns_protected_captions_into_the_nameless_allowed_ones():
+    """The control sees exactly what a perfect exclusion of the name would leave: "with the logo", a phrase
+    that the allowed brand's unnamed images share."""
+    from concept_exclusion.world.train import METHODS, _dataset
+
+    scenes = finetune_scenes()[:300]
+    _, captions = _dataset(METHODS["scrub-name"], scenes)
+    protected = [c for s, c in zip(scenes, captions) if s.logo]
+    nameless_allowed = {c.split(" background ")[1] for s, c in zip(scenes, captions) if s.allowed and not s.named}
+    assert protected and all(c.endswith("background with the logo") for c in protected)
+    assert nameless_allowed == {"with the logo"}
+    assert not any(BRAND in c for c in captions) and any(ALLOWED_BRAND in c for c in captions)

@@ -164,6 +164,18 @@ def summarize(results: dict) -> list[dict]:
                 probe_red.append(1 - r["probe"]["mean"] / p["probe"]["mean"])
                 probe_m += r["probe"]["mean"]
                 probe_p += p["probe"]["mean"]
+        control = {(r["kind"], r["seed"]): r for r in runs if r["method"] == "scrub-name"}
+        closed, gap_m, gap_p = [], 0.0, 0.0
+        for r in group:  # share of plain training's lead over the control (no readable name) that the method removes
+            p, c = plain.get((kind, r["seed"])), control.get((kind, r["seed"]))
+            if p is None or c is None or p["probe"]["mean"] - c["probe"]["mean"] <= 0:
+                continue
+            closed.append((p["probe"]["mean"] - r["probe"]["mean"]) / (p["probe"]["mean"] - c["probe"]["mean"]))
+            gap_m += p["probe"]["mean"] - r["probe"]["mean"]
+            gap_p += p["probe"]["mean"] - c["probe"]["mean"]
+        if closed:
+            row["control_gap_closed"] = mean_ci(closed)
+            row["control_gap_closed_pooled"] = gap_m / gap_p
         row["probe_reduction"] = mean_ci(probe_red)
         row["probe_reduction_pooled"] = 1 - probe_m / probe_p if probe_p > 0 else float("nan")
         row["reduction"] = mean_ci(reductions)
@@ -203,6 +215,8 @@ def _judge(rows: list[dict]) -> None:
         r["bar_parts"] = {"reduction>=90%": bool(red >= 0.9), "heldout<=+5%": bool(held <= 0.05),
                           "new_content>filter": better,
                           "probe_reduction>=90%": bool(r["probe_reduction_pooled"] >= 0.9),
+                          **({"control_gap_closed>=90%": bool(r["control_gap_closed_pooled"] >= 0.9)}
+                             if "control_gap_closed_pooled" in r else {}),
                           "plain_excess_measurable": measurable}
 
 
@@ -232,7 +246,8 @@ def table(rows: list[dict], markdown: bool = True) -> str:
             "train s", "bar"]
     allowed = any("allowed_probe" in r for r in rows)
     if allowed:  # world 2: the allowed brand's binding, and the generic phrase's pull towards the protected logo
-        head[-2:-2] = ["allowed leak", "allowed empty", "allowed probe", "allowed probe kept", "generic probe"]
+        head[-2:-2] = ["gap to control closed (pooled)", "(per-seed)", "allowed leak", "allowed empty", "allowed probe",
+                       "allowed probe kept", "generic probe"]
     lines = []
     for r in rows:
         g = lambda k, pct=True, d=2: fmt(*r[k], digits=d, pct=pct) if k in r else ""
@@ -246,7 +261,8 @@ def table(rows: list[dict], markdown: bool = True) -> str:
         lines.append([r["kind"], r["method"], str(r["seeds"]), g("leak_rate"), g("empty_prompt_rate"), red_pooled,
                       g("reduction"), g("heldout_loss", False, 4), g("heldout_vs_plain"), g("content_fidelity"),
                       g("new_content_fidelity"), g("probe", False, 3), g("probe_reduction"), g("attack_ti"), g("attack_lora"),
-                      *([g("allowed_leak_rate"), g("allowed_empty_rate"), g("allowed_probe", False, 3),
+                      *([f"{r['control_gap_closed_pooled'] * 100:.0f}%" if "control_gap_closed_pooled" in r else "",
+                         g("control_gap_closed"), g("allowed_leak_rate"), g("allowed_empty_rate"), g("allowed_probe", False, 3),
                          g("allowed_probe_kept"), g("generic_probe", False, 3)] if allowed else []),
                       g("train_seconds", False, 0), bar])
     if markdown:

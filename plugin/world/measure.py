@@ -92,7 +92,7 @@ def prompt_sets(seed: int, cfg: EvalConfig = EvalConfig()) -> PromptSets:
     new = [replace(world.public_scene(), colour=NEW_COLOUR) for _ in range(cfg.n_new)]
     heldout = [replace(world.finetune_scene(), logo=False) for _ in range(cfg.n_heldout)]
     probe = [world.public_scene() for _ in range(cfg.n_probe)]
-    # drawn last, so that the sets above are those of world 1 for the same seed
+    # drawn last, so that the sets above do not depend on n_allowed
     allowed = [replace(world.finetune_scene(), logo=False, allowed=True, named=True).caption()
                for _ in range(cfg.n_allowed)]
     return PromptSets(seen, unseen, allowed, content, new, heldout, probe)

@@ -43,6 +43,19 @@ def _allowed_detector(cal: dict) -> str:
             f"{cal['allowed_precision']:.3f}, recall {cal['allowed_recall']:.3f} on the same draw.")
 
 
+def _world2_columns(rows: list[dict]) -> str:
+    if not any("allowed_probe" in r for r in rows):
+        return ""
+    return """
+
+World 2 columns. Gap to control closed: (probe(plain) - probe(method)) / (probe(plain) - probe(scrub-name)),
+per seed and pooled; the scrub-name control sees exactly the data a perfect exclusion of the name would leave,
+so 100% = the control's level, 0% = plain training; where a scrub-name run exists, the verdict uses this
+instead of the probe reduction. Allowed leak / allowed empty: the allowed (quendor) detector's rate on prompts
+naming quendor / on empty prompts. Allowed probe: the probe for "with the quendor logo" and the quendor glyph;
+kept = allowed probe / plain's (per seed). Generic probe: "with the logo" (no name), protected glyph's score."""
+
+
 def write_results(path: str | Path, results: dict, rows: list[dict], command: str, grid_name: str,
                   wall_seconds: float, extra_sections: str = "") -> None:
     """Write the Markdown report (atomically)."""
@@ -55,12 +68,16 @@ def write_results(path: str | Path, results: dict, rows: list[dict], command: st
             word = "meets the bar" if r["meets_bar"] else "misses the bar"
             b = r["bar_parts"]
             if not b.get("plain_excess_measurable", True):  # sampled extraction unreadable: judge by the probe
-                probe_ok = b["probe_reduction>=90%"] and b["heldout<=+5%"] and b["new_content>filter"] is not False
-                word = ("meets the bar on the probe (sampling inconclusive)" if probe_ok
-                        else "misses the bar (judged on the probe; sampling inconclusive)")
+                key = "control_gap_closed>=90%" if "control_gap_closed>=90%" in b else "probe_reduction>=90%"
+                probe_ok = b[key] and b["heldout<=+5%"] and b["new_content>filter"] is not False
+                what = "the probe's gap to the scrub-name control" if key.startswith("control") else "the probe"
+                word = (f"meets the bar on {what} (sampling inconclusive)" if probe_ok
+                        else f"misses the bar (judged on {what}; sampling inconclusive)")
+            gap = (f", pooled gap to the control closed {r['control_gap_closed_pooled'] * 100:.0f}%"
+                   if "control_gap_closed_pooled" in r else "")
             verdicts.append(f"- {r['kind']} / `{r['method']}`: **{word}** (pooled sampled reduction "
                             f"{r['reduction_pooled'] * 100:.0f}%, pooled probe reduction "
-                            f"{r['probe_reduction_pooled'] * 100:.0f}%; {parts})")
+                            f"{r['probe_reduction_pooled'] * 100:.0f}%{gap}; {parts})")
     methods = "\n".join(f"- `{m.name}`: {m.description}" for m in METHODS.values() if m.name in cfg["methods"])
     text = f"""# Evidence: concept extraction in the evidence world
 
@@ -96,7 +113,7 @@ caption names the brand (noisy clean scenes, t = 250/500/750); 0 = the name move
 leak rate after textual inversion / an 8-image rank-4 LoRA attack (compare with the base model's row).
 Probe reduction = 1 - probe(method)/probe(plain) (per seed, and pooled). Where plain
 training's excess over the empty prompt is not distinguishable from zero (its 95% interval reaches 0), the
-sampled reduction cannot be read and the verdict below is taken on the probe reduction instead.
+sampled reduction cannot be read and the verdict below is taken on the probe reduction instead.{_world2_columns(rows)}
 
 {table(rows)}
 
