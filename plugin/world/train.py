@@ -73,6 +73,11 @@ METHODS = {m.name: m for m in (
            targets=("attention",), tokens="contrastive"),
     Method("exact-attention-contrastive+concept", "as the default, basis: contrastive + concept rows",
            mode="exact", targets=("attention",), tokens="contrastive+concept"),
+    Method("exact-attention-contexts", "as the default, preset in 24 caption contexts, contrasted with the "
+           "allowed brand (contrastive + concept rows)", mode="exact", targets=("attention",),
+           preset="world-logo-contexts"),
+    Method("exact-attention-contexts-preserve", "as exact-attention-contexts, the allowed brand in [[preserve]]",
+           mode="exact", targets=("attention",), preset="world-logo-contexts-preserve"),
 )}
 
 
