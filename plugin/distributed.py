@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import TargetError
-from .projector import GradientProjector, WeightProjector, project, project_grad
+from .projector import GradientProjector, WeightProjector, project_grad, project_in_place
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,4 @@ class ShardedWeightProjector:
     def __call__(self) -> None:
         self._plain()
         for c in self._sharded:
-            w = local_tensor(c.target.param)
-            w.copy_(project(w.float(), c.basis, "input", 1.0, c.stored).to(w.dtype))
-
-
-def constraint_value_local(param: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-    """``W U`` (input side) or ``U^T W`` (output side) of this rank's rows of ``param``."""
-    w = local_tensor(param.detach()).float()
-    return w @ basis if side == "input" else basis.T @ w
+            project_in_place(local_tensor(c.target.param), c.basis, "input", c.stored)

@@ -14,10 +14,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .distributed import (ShardedGradientProjector, ShardedWeightProjector, constraint_value_local, full_tensor,
+from .distributed import (ShardedGradientProjector, ShardedWeightProjector, full_tensor,
                           local_tensor, refuse_unsupported_wrappers)
 from .errors import TargetError
-from .projector import _Constraint
+from .projector import _Constraint, constraint_value
 from .subspace import ConceptSubspace
 from .targets import Target, find_targets
 from .preset import MODES, Projection
@@ -142,7 +142,7 @@ class ConceptExclusion:
             if key not in on_device:
                 on_device[key] = t.basis.to(t.param.device, torch.float32)
             basis = on_device[key]
-            stored = constraint_value_local(t.param, basis, t.side) if t.kind == "full" else None
+            stored = constraint_value(local_tensor(t.param), basis, t.side) if t.kind == "full" else None
             self._constraints.append(_Constraint(t, basis, stored))
         self._grad = ShardedGradientProjector(self._constraints, self.strength)
         self._weights = ShardedWeightProjector(self._constraints)

@@ -148,10 +148,10 @@ class WeightProjector:
                 y = torch.addmm(xf, basis, basis.T @ xf, alpha=-1.0)
             _copy_back(params, y.to(params[0].dtype).split(sizes, dim=dim))
         for c in self._single:
-            _project_in_place(c.target.param, c.basis, c.target.side, c.stored)
+            project_in_place(c.target.param, c.basis, c.target.side, c.stored)
 
 
-def _project_in_place(param: torch.Tensor, basis: torch.Tensor, side: str, stored: torch.Tensor | None) -> None:
+def project_in_place(param: torch.Tensor, basis: torch.Tensor, side: str, stored: torch.Tensor | None) -> None:
     """``param <- param - (param U - S) U^T`` (input) or ``- U (U^T param - S)`` (output), fp32, in place."""
     w = param.detach()
     wf = w.float()
