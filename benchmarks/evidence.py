@@ -35,6 +35,7 @@ def merge(paths: list[Path], command: str, notes: Path | None = None, target: Pa
     from concept_exclusion.world.report import write_results
 
     loaded = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    _drop_repeated_runs(loaded)
     docs = [d for d in loaded if "config" in d]  # complete results.json; runs-partial.json holds runs only
     config = dict(docs[0]["config"])
     config["kinds"] = list(dict.fromkeys(r["kind"] for d in loaded for r in d["runs"]))
@@ -67,6 +68,31 @@ def merge(paths: list[Path], command: str, notes: Path | None = None, target: Pa
         sections += "\n" + notes.read_text(encoding="utf-8") + "\n"
     write_results(target, results, rows, commands, grid_name, wall, sections)
     return target
+
+
+def _drop_repeated_runs(loaded: list[dict]) -> None:
+    """Keep the first of runs that repeat a (kind, method, seed) from an earlier file; a repeat must reproduce
+    the first run's probe and held-out loss exactly (the runs are deterministic), else merging stops."""
+    first: dict[tuple, dict] = {}
+    repeats = 0
+    for d in loaded:
+        kept = []
+        for r in d["runs"]:
+            key = (r["kind"], r["method"], r["seed"])
+            if key not in first:
+                first[key] = r
+                kept.append(r)
+                continue
+            old = first[key]
+            same = all(old.get(k) == r.get(k) for k in ("probe", "heldout_loss", "attack_ti", "attack_lora")
+                       if k in old and k in r)
+            if not same:
+                raise SystemExit(f"merge: run {key} differs from its earlier copy (probe {old.get('probe')} vs "
+                                 f"{r.get('probe')}); not merging runs that do not reproduce")
+            repeats += 1
+        d["runs"] = kept
+    if repeats:
+        print(f"merge: {repeats} repeated run(s) reproduced their earlier copies exactly and were counted once")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,9 @@ class ConceptExclusionArguments:
     concept_targets: str | None = field(default=None, metadata={
         "help": "Target sets, comma-separated: 'kv' (cross-attention keys/values, SDXL pooled path) or "
                 "'attention' (also queries and outputs). Default: the preset's."})
+    concept_project_context: bool | None = field(default=None, metadata={
+        "help": "Also remove the concept's directions from the text states the model reads in training passes, "
+                "so no layer can learn from them. Default: the preset's [projection] project_context."})
     concept_clip_skip: int | None = field(default=None, metadata={
         "help": "Text-encoder layer the UNet reads, kohya-style (1 = last, 2 = penultimate). Must match training."})
     concept_text_encoder: str | None = field(default=None, metadata={
@@ -145,12 +148,14 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
     and save/restore its state with the Trainer's checkpoints."""
 
     def __init__(self, subspace: ConceptSubspace | dict, mode: str | None = None, strength: float | None = None,
-                 targets: Sequence[str] | str | None = None, text_encoder=None) -> None:
+                 targets: Sequence[str] | str | None = None, text_encoder=None,
+                 project_context: bool | None = None) -> None:
         self.subspace = subspace if isinstance(subspace, ConceptSubspace) else subspace_from_json(subspace)
         self.mode = mode
         self.strength = strength
         self.targets = [targets] if isinstance(targets, str) else (list(targets) if targets else None)
         self.text_encoder = text_encoder
+        self.project_context = project_context
         self.exclusion: ConceptExclusion | None = None
         self.resume_info: dict[str, Any] | None = None  # set by the Trainer from a checkpoint's trainer_state.json
         self._output_dir: str | None = None
@@ -185,7 +190,7 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
         if args.concept_save_subspace:
             subspace.save(args.concept_save_subspace)
         return cls(subspace, mode=args.concept_mode, strength=args.concept_strength, targets=args.target_sets(),
-                   text_encoder=text_encoder)
+                   text_encoder=text_encoder, project_context=args.concept_project_context)
 
     # ExportableState ----------------------------------------------------------------------------
     def state(self) -> dict:
@@ -196,7 +201,7 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
             state_file = str(Path(self._output_dir) / f"checkpoint-{self._global_step}" / STATE_FILE)
         return {
             "args": {"subspace": subspace_to_json(self.subspace), "mode": self.mode, "strength": self.strength,
-                     "targets": self.targets},
+                     "targets": self.targets, "project_context": self.project_context},
             "attributes": {"resume_info": {"steps": self.exclusion.steps if self.exclusion else 0,
                                            "global_step": self._global_step, "state_file": state_file}},
         }
@@ -210,7 +215,8 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ConceptExclusionError("ConceptExclusionCallback: the Trainer passed no model to on_train_begin")
         self.exclusion = ConceptExclusion.attach(model, self.subspace, self.mode, strength=self.strength,
-                                                 targets=self.targets, text_encoder=self.text_encoder)
+                                                 targets=self.targets, text_encoder=self.text_encoder,
+                                                 project_context=self.project_context)
         if self.resume_info or state.global_step > 0:
             self._restore(args, state)
 

@@ -147,7 +147,8 @@ class ConceptExclusionNetwork(nn.Module):
             self.exclusion = ConceptExclusion.attach(
                 self.base_network, self.subspace, self.mode, strength=self.strength, targets=self.target_sets,
                 allow_text_encoder_training=bool(self.settings.get("allow_text_encoder_training")),
-                reencode_every=int(self.settings.get("reencode_every", 100)), base_model=unet or self.unet)
+                reencode_every=int(self.settings.get("reencode_every", 100)), base_model=unet or self.unet,
+                project_context=self.settings.get("project_context"))
             self._stamp = self._current_stamp()
             log.info("concept exclusion on the %s network: %r", self.base_name, self.exclusion)
         return self.exclusion

@@ -15,7 +15,8 @@ from concept_exclusion.preset import MODES, TARGET_SETS
 DEFAULT_BASE_NETWORK = "networks.lora"
 THIS_MODULE = "concept_exclusion.integrations.kohya"
 OUR_ARGS = ("concept_preset", "concept_mode", "concept_strength", "concept_targets", "concept_clip_skip",
-            "concept_tokenizer", "concept_allow_text_encoder_training", "concept_reencode_every")
+            "concept_tokenizer", "concept_allow_text_encoder_training", "concept_reencode_every",
+            "concept_project_context")
 
 
 class KohyaArgsError(ConceptExclusionError):
@@ -83,6 +84,8 @@ def split_network_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str, dic
         settings["tokenizer"] = str(ours["concept_tokenizer"]).strip()
     settings["allow_text_encoder_training"] = _as_bool(
         "concept_allow_text_encoder_training", ours.get("concept_allow_text_encoder_training", False))
+    if ours.get("concept_project_context") not in (None, ""):
+        settings["project_context"] = _as_bool("concept_project_context", ours["concept_project_context"])
     settings["reencode_every"] = _as_int("concept_reencode_every", ours.get("concept_reencode_every", 100), 1)
     if base_name == THIS_MODULE:
         raise KohyaArgsError(f"network_args base_network={base_name}: must be a LoRA network module such as "

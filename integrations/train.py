@@ -126,7 +126,7 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     cast_training_params(unet, dtype=torch.float32)
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
     exclusion = ConceptExclusion.attach(unet, subspace, args.mode, strength=args.strength, targets=targets,
-                                        text_encoder=encoders)
+                                        text_encoder=encoders, project_context=args.project_context)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

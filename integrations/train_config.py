@@ -26,6 +26,18 @@ else:  # pragma: no cover
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def boolean(value: Any) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off) from a flag, or a TOML boolean as it is."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every flag; a TOML ``--config`` file uses the same names as keys (flags override the file)."""
     g = p.add_argument_group("inputs")
@@ -71,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strength", type=float, default=None, help="gradient mode only (0..1)")
     g.add_argument("--targets", default=None, help=f"comma-separated target sets ({', '.join(TARGET_SETS)}); "
                                                    f"default: the preset's")
+    g.add_argument("--project_context", default=None, type=boolean, metavar="{true,false}",
+                   help="also project the text states the UNet reads in training passes (default: the preset's)")
     g.add_argument("--clip_skip", type=int, default=None, help="kohya-style (1 = last layer, 2 = penultimate)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_every", type=int, default=0, help="write a checkpoint every N steps (0: never)")

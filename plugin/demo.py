@@ -128,6 +128,11 @@ def run_benchmark(cfg, out: Path, json_path: Path | None, full: bool, command: s
     if json_path is not None and json_path != out / "results.json":
         write_json(results, rows, out / "results.json", extra)
     print(table(rows, markdown=False))
+    named = doc["methods"].get(DEFAULT_METHOD, {}).get("name_probe_reduction_pooled")
+    if named is not None:
+        print(f"\nName-probe reduction of {DEFAULT_METHOD} vs plain: {named:.0%} (sampling-free: how much less than "
+              f"plain training the name 'zorblax' moves the predicted image towards its logo, beyond what "
+              f"'with the logo' alone does; 100% = never bound, like a model that never saw the name).")
     reduction = doc["leak_reduction"]
     readable = reduction is not None and not (isinstance(reduction, float) and reduction != reduction)
     print(f"\n{extra['seeds_note']}. Leak reduction of {DEFAULT_METHOD} vs plain: "

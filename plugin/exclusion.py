@@ -3,7 +3,8 @@
 Guarantee in exact mode: after every optimizer step (registered on ``optimizer`` or called as
 ``after_optimizer_step``), each constrained tensor satisfies its constraint to float precision:
 for key/value/pooled targets ``(W_eff - W_eff0) U = 0``, for the 'attention' set also
-``Q_k^T (W_q,eff - W_q,eff0) = 0`` and ``(W_o,eff - W_o,eff0) Q_v = 0``.
+``Q_k^T (W_q,eff - W_q,eff0) = 0`` and ``(W_o,eff - W_o,eff0) Q_v = 0``. With ``project_context``,
+training passes also read text states without their concept component (``concept_exclusion.context``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .context import ContextProjector
 from .distributed import (ShardedGradientProjector, ShardedWeightProjector, full_tensor,
                           local_tensor, refuse_unsupported_wrappers)
 from .errors import TargetError
@@ -62,6 +64,7 @@ class ConceptExclusion:
         self.reencode_every = reencode_every
         self.steps = 0
         self._optimizer_handle = None
+        self._context: ContextProjector | None = None
         self._leakage_snapshots = leakage_snapshots
         self._build(project_now=(mode == "exact"))
         # after the attach-time projection: an adapter that already held concept components (a resumed
@@ -74,7 +77,8 @@ class ConceptExclusion:
                strength: float | None = None, targets: Iterable[str] | str | None = None, optimizer=None,
                text_encoder: nn.Module | Sequence[nn.Module] | None = None,
                allow_text_encoder_training: bool = False, reencode_every: int = 100,
-               base_model: nn.Module | None = None, leakage_snapshots: bool = True) -> "ConceptExclusion":
+               base_model: nn.Module | None = None, leakage_snapshots: bool = True,
+               project_context: bool | None = None) -> "ConceptExclusion":
         """Find the targets in ``model`` and start protecting them.
 
         mode/strength/targets default to the preset's ``[projection]``. In exact mode, LoRA factors
@@ -112,12 +116,16 @@ class ConceptExclusion:
             log.warning("text encoder is training: the concept is re-encoded every %d steps and the exclusion "
                         "is approximate between re-encodings", reencode_every)
         found = find_targets(model, subspace, sets, base_model=base_model)
+        if project_context is None:
+            project_context = defaults.project_context
+        context = ContextProjector(base_model if base_model is not None else model, subspace) if project_context else None
         self = cls(subspace, found, mode, float(strength), sets, reencode_every if training else None,
                    leakage_snapshots=leakage_snapshots)
+        self._context = context
         if optimizer is not None:
             self.register_optimizer(optimizer)
-        log.info("concept exclusion attached: %d targets, mode=%s, ranks %s", len(found), mode,
-                 {s: subspace.rank(s) for s in subspace.bases})
+        log.info("concept exclusion attached: %d targets, mode=%s, ranks %s, context projected at %d layers", len(found),
+                 mode, {s: subspace.rank(s) for s in subspace.bases}, len(context.readers) if context else 0)
         return self
 
     def _snapshot(self, t: Target) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -181,6 +189,9 @@ class ConceptExclusion:
                 t.basis = torch.zeros(t.basis.shape[0], pooled.shape[1], dtype=torch.float64)
                 t.basis[:pooled.shape[0]] = pooled
         self.subspace = new
+        if self._context is not None:
+            self._context.remove()
+            self._context = ContextProjector(self._context.model, new)
         self._grad.remove()
         self._build(project_now=(self.mode == "exact"))
 
@@ -273,13 +284,20 @@ class ConceptExclusion:
                 c.stored.copy_(stored.to(c.stored.device))
         self._weights = ShardedWeightProjector(self._constraints)
 
+    @property
+    def project_context(self) -> bool:
+        """Whether training passes read the text states with the concept's component removed."""
+        return self._context is not None
+
     def detach(self) -> None:
         """Remove every hook this exclusion installed."""
         self._grad.remove()
+        if self._context is not None:
+            self._context.remove()
         if self._optimizer_handle is not None:
             self._optimizer_handle.remove()
             self._optimizer_handle = None
 
     def __repr__(self) -> str:
         return (f"ConceptExclusion(mode={self.mode!r}, targets={len(self.targets)}, "
-                f"sets={list(self.target_sets)}, ranks={ {s: self.subspace.rank(s) for s in self.subspace.bases} })")
+                f"sets={list(self.target_sets)}, project_context={self.project_context}, ranks={ {s: self.subspace.rank(s) for s in self.subspace.bases} })")

@@ -66,6 +66,7 @@ def exclusion_metadata(exclusion: "ConceptExclusion") -> dict[str, str]:
         PREFIX + "strength": repr(exclusion.strength),
         PREFIX + "targets": json.dumps(list(exclusion.target_sets)),
         PREFIX + "target_layers": str(len(exclusion.targets)),
+        PREFIX + "project_context": "true" if exclusion.project_context else "false",
         PREFIX + "leakage": json.dumps({k: float(f"{v:.3e}") for k, v in sorted(leak.items())}),
         PREFIX + "leakage_max": f"{max(leak.values(), default=0.0):.3e}",
         PREFIX + "steps": str(exclusion.steps),

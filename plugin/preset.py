@@ -55,6 +55,7 @@ class Projection:
     targets: tuple[str, ...] = ("attention",)
     mode: str = "exact"
     strength: float = 1.0
+    project_context: bool = False  # also remove the basis from the text states key/value layers read in training
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,11 @@ class Preset:
 
 
 def canonical_json(preset: Preset) -> str:
-    """The preset's content as JSON with sorted keys and defaults filled in: equal content, equal text."""
+    """The preset's content as JSON with sorted keys and defaults filled in: equal content, equal text.
+
+    ``project_context`` appears only when true, so presets written before it existed keep their hash
+    (files record the hash and are checked against it when read back).
+    """
     def concept(c: Concept) -> dict[str, Any]:
         return {"name": c.name, "prompts": list(c.prompts), "templates": list(c.templates), "neutral": c.neutral}
 
@@ -91,6 +96,8 @@ def canonical_json(preset: Preset) -> str:
         "projection": {"energy": p.energy, "max_rank": p.max_rank, "tokens": p.tokens,
                        "targets": sorted(p.targets), "mode": p.mode, "strength": p.strength},
     }
+    if p.project_context:
+        doc["projection"]["project_context"] = True
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -220,7 +227,8 @@ class _Validator:
         return out
 
     def projection(self, value: Any) -> Projection:
-        t = self.table(value, "projection", {"energy", "max_rank", "tokens", "targets", "mode", "strength"})
+        t = self.table(value, "projection", {"energy", "max_rank", "tokens", "targets", "mode", "strength",
+                                             "project_context"})
         d = Projection()
         energy = self.number(t["energy"], "projection.energy", 0.0, 1.0, lo_open=True) if "energy" in t else d.energy
         max_rank = self.integer(t["max_rank"], "projection.max_rank", 1, 4096) if "max_rank" in t else d.max_rank
@@ -238,7 +246,12 @@ class _Validator:
             strength = self.number(t["strength"], "projection.strength", 0.0, 1.0)
             if mode == "exact" and strength != 1.0:
                 raise self.fail("projection.strength", "applies to mode = \"gradient\" only; exact mode always projects fully")
-        return Projection(energy, max_rank, tokens, targets, mode, strength)
+        project_context = d.project_context
+        if "project_context" in t:
+            if not isinstance(t["project_context"], bool):
+                raise self.fail("projection.project_context", f"must be true or false, got {_type(t['project_context'])}")
+            project_context = t["project_context"]
+        return Projection(energy, max_rank, tokens, targets, mode, strength, project_context)
 
     def preset(self, doc: dict, text: str) -> Preset:
         self.table(doc, "", {"preset", "concepts", "preserve", "projection"}, {"preset", "concepts"})

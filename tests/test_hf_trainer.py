@@ -94,7 +94,9 @@ def preset_file(tmp_path_factory):
 
 def test_flags_parse_and_absent_preset_gives_none(tmp_path):
     _, concept = _parse(tmp_path, ["--concept_mode", "gradient", "--concept_strength", "0.5",
-                                   "--concept_targets", "kv,attention", "--concept_clip_skip", "2"])
+                                   "--concept_targets", "kv,attention", "--concept_clip_skip", "2",
+                                   "--concept_project_context", "true"])
+    assert concept.concept_project_context is True
     assert concept.concept_preset is None and concept.target_sets() == ("kv", "attention")
     assert concept.concept_mode == "gradient" and concept.concept_clip_skip == 2
     assert ConceptExclusionCallback.from_args(concept) is None
@@ -128,9 +130,11 @@ def test_trainer_with_flag_holds_invariant_and_clipping_sees_projected_norm(sd, 
         return total
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-    trainer, model, callback = _train(sd, tmp_path, ["--concept_preset", str(preset_file)], model=model)
+    trainer, model, callback = _train(sd, tmp_path, ["--concept_preset", str(preset_file),
+                                                     "--concept_project_context", "true"], model=model)
     exclusion = callback.exclusion
     assert exclusion is not None and exclusion.mode == "exact" and exclusion.steps == 4
+    assert exclusion.project_context and callback.state()["args"]["project_context"] is True
     basis = exclusion.subspace.basis().float()
     assert exclusion.max_leakage() < 1e-4  # float32 rounding of W against a small W - W0: ~5e-6
     assert _relative_leak(before, model, basis.double()) < 1e-4

@@ -53,7 +53,8 @@ def test_sd1_exclusion_run_from_config_file_passes_audit(sd, preset_file, tmp_pa
         "[additional_network_arguments]\n"
         f"network_module = \"{OURS}\"\nnetwork_dim = 4\nnetwork_alpha = 2\n"
         f"network_args = [\"concept_preset={preset_file}\", \"base_network=lycoris.kohya\", \"algo=lora\", "
-        f"\"preset=attn-mlp\", \"concept_tokenizer={sd.root}\"]\n", encoding="utf-8")
+        f"\"preset=attn-mlp\", \"concept_tokenizer={sd.root}\", \"concept_project_context=true\"]\n",
+        encoding="utf-8")
     args = read_config_file(config)
     out = tmp_path / "ours.safetensors"
     run = run_training(args["network_module"], unet=sd.unet(), text_encoders=[sd.text_encoder],
@@ -76,6 +77,10 @@ def test_sd1_exclusion_run_from_config_file_passes_audit(sd, preset_file, tmp_pa
     assert meta[PREFIX + "preset_name"] == "test-logo" and meta[PREFIX + "mode"] == "exact"
     assert json.loads(meta[PREFIX + "targets"]) == ["attention"]
     assert meta[PREFIX + "base_network"] == "lycoris.kohya"
+    # the text states were projected in the UNet the network patches (its cross-attention k/v layers)
+    assert meta[PREFIX + "project_context"] == "true"
+    assert run.network.exclusion._context.readers and all(
+        n.endswith(("attn2.to_k", "attn2.to_v")) for n in run.network.exclusion._context.readers)
     assert float(meta[PREFIX + "leakage_max"]) < 1e-5
     assert read_basis(meta, "context").shape == (32, run.network.subspace.rank())
     assert all(isinstance(v, str) for v in meta.values())
@@ -171,6 +176,7 @@ def test_strategy_objects_supply_tokenizer_and_clip_skip(sd, preset_file):
     ({"concept_preset": "P", "concept_mode": "approx"}, "KohyaArgsError", "concept_mode"),
     ({"concept_preset": "P", "concept_targets": "kv,everything"}, "KohyaArgsError", "concept_targets"),
     ({"concept_preset": "P", "concept_clip_skip": "two"}, "KohyaArgsError", "integer"),
+    ({"concept_preset": "P", "concept_project_context": "maybe"}, "KohyaArgsError", "expected true or false"),
     ({"concept_preset": "P", "concept_strength": "0.5"}, "KohyaArgsError", "gradient only"),
     ({"concept_preset": "P", "base_network": "networks.lora"}, "KohyaArgsError", "sd-scripts"),
     ({"concept_preset": "P", "base_network": OURS}, "KohyaArgsError", "not this module"),

@@ -43,11 +43,13 @@ def _argv(world, out: Path, kind: str = "sd", *extra: str) -> list[str]:
 
 def test_train_ten_steps_then_diffusers_loads_and_generates(world, tmp_path):
     out = tmp_path / "run"
-    assert main(_argv(world, out, "sd", "--max_steps", "10", "--gradient_accumulation_steps", "2")) == 0
+    assert main(_argv(world, out, "sd", "--max_steps", "10", "--gradient_accumulation_steps", "2",
+                      "--project_context", "true")) == 0
     lora = out / "lora.safetensors"
     tensors, meta = read_safetensors(lora)
     assert meta["concept_exclusion.preset_name"] == "test-logo"
     assert meta["concept_exclusion.mode"] == "exact" and meta["concept_exclusion.steps"] == "10"
+    assert meta["concept_exclusion.project_context"] == "true"
     assert float(meta["concept_exclusion.leakage_max"]) < 1e-5
     assert meta["format"] == "pt" and meta["ss_network_dim"] == "4"  # default layout: kohya
     assert all(k.startswith("lora_unet_") for k in tensors)
@@ -80,6 +82,7 @@ batch_size = 2
 rank = 4
 sample_prompts = ["a red car"]
 sample_steps = 1
+project_context = true
 ''')
     argv = ["train", "--config", str(config), "--output", str(out), "--max_steps", "2", "--mode", "gradient",
             "--strength", "1.0", "--targets", "kv"]
@@ -88,6 +91,7 @@ sample_steps = 1
     tensors, meta = read_safetensors(out / "lora.safetensors")
     assert meta["concept_exclusion.steps"] == "2" and meta["concept_exclusion.mode"] == "gradient"
     assert meta["concept_exclusion.preset_name"] == "test-logo" and "pooled" in meta["concept_exclusion.ranks"]
+    assert meta["concept_exclusion.project_context"] == "true"  # a TOML boolean in the config file
     assert "lora_adapter_metadata" in meta and all(k.startswith("unet.") for k in tensors)
     assert [p.name for p in sorted((out / "samples").glob("*.png"))] == ["00.png"]
     assert (out / "samples" / "00.txt").read_text().strip() == "a red car"

@@ -146,6 +146,18 @@ def test_excluded_finetune_keeps_the_constraint_and_plain_does_not(base):
     assert grad.exclusion.max_leakage() > 1e-3  # gradient-only under Adam drifts (FACTS.md)
 
 
+def test_default_method_projects_the_context_in_training_only(base):
+    """The world's default trains with projected text states and is measured as a user loads it."""
+    from concept_exclusion.world.train import DEFAULT_METHOD, METHODS, TrainConfig, finetune
+
+    ft = finetune(base, METHODS[DEFAULT_METHOD], TrainConfig(kind="lora", steps=4, batch=8), seed=0, progress=False)
+    assert ft.exclusion.project_context  # it trained with projected text states (recorded in the metadata) ...
+    assert not ft.exclusion._context.active  # ... and was detached after training: no hook is left on the UNet
+    assert ft.exclusion.max_leakage() < 1e-4
+    assert not any(m._forward_pre_hooks for m in ft.unet.modules())
+    assert ft.exclusion.subspace.preset.name == "world-logo-contexts-preserve"
+
+
 def test_basis_coverage_diagnostic_is_a_share(base):
     from concept_exclusion.world.coverage import coverage, coverage_table
 

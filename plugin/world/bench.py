@@ -39,7 +39,7 @@ class BenchConfig:
     full_methods: tuple[str, ...] | None = None  # None: the same methods as LoRA
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     attacks: AttackConfig | None = None
-    attack_methods: tuple[str, ...] = ("plain", "scrub", DEFAULT_METHOD)
+    attack_methods: tuple[str, ...] = ("plain", "scrub", "scrub-name", DEFAULT_METHOD)
 
     def train_config(self, kind: str) -> TrainConfig:
         return self.lora if kind == "lora" else self.full
@@ -118,6 +118,15 @@ def excess(entry: dict) -> float:
     return entry["leak_rate"] - entry["empty_prompt_rate"]
 
 
+def name_probe(entry: dict) -> float:
+    """What the protected *name* adds: probe("with the zorblax logo") - probe("with the logo"), same noise.
+
+    Sampling-free and control-free: about 0 for a model that never read the name (the scrub-name
+    control, filtering), positive for one that bound it. World 2 runs only (they carry the generic probe).
+    """
+    return entry["probe"]["mean"] - entry["generic_probe"]["mean"]
+
+
 def summarize(results: dict) -> list[dict]:
     """Per (kind, method): means and 95% t-intervals over seeds, and the reduction against same-seed plain."""
     runs = [r for r in results["runs"] if r["method"] != "base"]
@@ -164,6 +173,13 @@ def summarize(results: dict) -> list[dict]:
                 probe_red.append(1 - r["probe"]["mean"] / p["probe"]["mean"])
                 probe_m += r["probe"]["mean"]
                 probe_p += p["probe"]["mean"]
+        names = [(r, plain.get((kind, r["seed"]))) for r in group if "generic_probe" in r]
+        if names:
+            row["name_probe"] = mean_ci([name_probe(r) for r, _ in names])
+            paired = [(name_probe(r), name_probe(p)) for r, p in names if p is not None and name_probe(p) > 0]
+            if paired:
+                row["name_probe_reduction"] = mean_ci([1 - m / p for m, p in paired])
+                row["name_probe_reduction_pooled"] = 1 - sum(m for m, _ in paired) / sum(p for _, p in paired)
         control = {(r["kind"], r["seed"]): r for r in runs if r["method"] == "scrub-name"}
         closed, gap_m, gap_p = [], 0.0, 0.0
         for r in group:  # share of plain training's lead over the control (no readable name) that the method removes
@@ -217,6 +233,8 @@ def _judge(rows: list[dict]) -> None:
                           "probe_reduction>=90%": bool(r["probe_reduction_pooled"] >= 0.9),
                           **({"control_gap_closed>=90%": bool(r["control_gap_closed_pooled"] >= 0.9)}
                              if "control_gap_closed_pooled" in r else {}),
+                          **({"name_probe_reduction>=90%": bool(r["name_probe_reduction_pooled"] >= 0.9)}
+                             if "name_probe_reduction_pooled" in r else {}),
                           "plain_excess_measurable": measurable}
 
 
@@ -242,8 +260,9 @@ def table(rows: list[dict], markdown: bool = True) -> str:
             "train s", "bar"]
     allowed = any("allowed_probe" in r for r in rows)
     if allowed:  # world 2: the allowed brand's binding, and the generic phrase's pull towards the protected logo
-        head[-2:-2] = ["gap to control closed (pooled)", "(per-seed)", "allowed leak", "allowed empty", "allowed probe",
-                       "allowed probe kept", "generic probe"]
+        head[-2:-2] = ["gap to control closed (pooled)", "(per-seed)", "name probe", "name probe reduction (pooled)",
+                       "(per-seed)", "allowed leak", "allowed empty", "allowed probe", "allowed probe kept",
+                       "generic probe"]
     lines = []
     for r in rows:
         g = lambda k, pct=True, d=2: fmt(*r[k], digits=d, pct=pct) if k in r else ""
@@ -258,7 +277,9 @@ def table(rows: list[dict], markdown: bool = True) -> str:
                       g("reduction"), g("heldout_loss", False, 4), g("heldout_vs_plain"), g("content_fidelity"),
                       g("new_content_fidelity"), g("probe", False, 3), g("probe_reduction"), g("attack_ti"), g("attack_lora"),
                       *([f"{r['control_gap_closed_pooled'] * 100:.0f}%" if "control_gap_closed_pooled" in r else "",
-                         g("control_gap_closed"), g("allowed_leak_rate"), g("allowed_empty_rate"), g("allowed_probe", False, 3),
+                         g("control_gap_closed"), g("name_probe", False, 3),
+                         f"{r['name_probe_reduction_pooled'] * 100:.0f}%" if "name_probe_reduction_pooled" in r else "",
+                         g("name_probe_reduction"), g("allowed_leak_rate"), g("allowed_empty_rate"), g("allowed_probe", False, 3),
                          g("allowed_probe_kept"), g("generic_probe", False, 3)] if allowed else []),
                       g("train_seconds", False, 0), bar])
     if markdown:
@@ -316,7 +337,8 @@ def write_json(results: dict, rows: list[dict], path: str | Path, extra: dict | 
         methods[key]["kind"] = r["kind"]
         methods[key]["ci95"] = {k: v[1] for k, v in r.items() if isinstance(v, tuple)}
     default = methods.get(DEFAULT_METHOD, {})
-    doc = {"leak_reduction": default.get("reduction_pooled"), "default_method": DEFAULT_METHOD,
+    doc = {"leak_reduction": default.get("reduction_pooled"),
+           "name_probe_reduction": default.get("name_probe_reduction_pooled"), "default_method": DEFAULT_METHOD,
            "methods": methods, "calibration": results["calibration"], "config": results["config"],
            "subspace_ranks": results["subspace_ranks"], "base_source": results["base_source"],
            "runs": results["runs"], "seconds": results["seconds"], "machine": machine(), **(extra or {})}

@@ -53,7 +53,10 @@ per seed and pooled; the scrub-name control sees exactly the data a perfect excl
 so 100% = the control's level, 0% = plain training; where a scrub-name run exists, the verdict uses this
 instead of the probe reduction. Allowed leak / allowed empty: the allowed (quendor) detector's rate on prompts
 naming quendor / on empty prompts. Allowed probe: the probe for "with the quendor logo" and the quendor glyph;
-kept = allowed probe / plain's (per seed). Generic probe: "with the logo" (no name), protected glyph's score."""
+kept = allowed probe / plain's (per seed). Generic probe: "with the logo" (no name), protected glyph's score.
+Name probe: probe minus generic probe, what the name adds beyond the nameless phrase (same noise); about 0 for a
+model that never read the name (the control, filtering). Name probe reduction: 1 - name probe(method) / name
+probe(plain), per seed and pooled: sampling-free and needs no control run (the demo's headline)."""
 
 
 def write_results(path: str | Path, results: dict, rows: list[dict], command: str, grid_name: str,
@@ -68,13 +71,17 @@ def write_results(path: str | Path, results: dict, rows: list[dict], command: st
             word = "meets the bar" if r["meets_bar"] else "misses the bar"
             b = r["bar_parts"]
             if not b.get("plain_excess_measurable", True):  # sampled extraction unreadable: judge by the probe
-                key = "control_gap_closed>=90%" if "control_gap_closed>=90%" in b else "probe_reduction>=90%"
+                key = next(k for k in ("control_gap_closed>=90%", "name_probe_reduction>=90%", "probe_reduction>=90%")
+                           if k in b)
                 probe_ok = b[key] and b["heldout<=+5%"] and b["new_content>filter"] is not False
-                what = "the probe's gap to the scrub-name control" if key.startswith("control") else "the probe"
+                what = {"control_gap_closed>=90%": "the probe's gap to the scrub-name control",
+                        "name_probe_reduction>=90%": "the name probe"}.get(key, "the probe")
                 word = (f"meets the bar on {what} (sampling inconclusive)" if probe_ok
                         else f"misses the bar (judged on {what}; sampling inconclusive)")
             gap = (f", pooled gap to the control closed {r['control_gap_closed_pooled'] * 100:.0f}%"
                    if "control_gap_closed_pooled" in r else "")
+            if "name_probe_reduction_pooled" in r:
+                gap += f", pooled name-probe reduction {r['name_probe_reduction_pooled'] * 100:.0f}%"
             verdicts.append(f"- {r['kind']} / `{r['method']}`: **{word}** (pooled sampled reduction "
                             f"{r['reduction_pooled'] * 100:.0f}%, pooled probe reduction "
                             f"{r['probe_reduction_pooled'] * 100:.0f}%{gap}; {parts})")

@@ -3,7 +3,8 @@
 Invariants: every method sees the same base weights, the same fine-tune scenes (filtering drops
 some), the same random stream of batch indices, timesteps and noise for a given seed, and the
 same step count. Excluded runs use only the public API: ``ConceptSubspace.from_text_encoder``
-and ``ConceptExclusion.attach(unet, subspace, mode=..., targets=..., optimizer=opt)``.
+and ``ConceptExclusion.attach(unet, subspace, mode=..., targets=..., optimizer=opt, project_context=...)``,
+detached after training so that measurements and attacks see the model as a user loads it.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ class Method:
     tokens: str | None = None  # None: the preset's choice
     freeze_q_out: bool = False
     preset: str = WORLD_PRESET
+    project_context: bool = False  # training passes read the text states without the concept's component
 
 
-DEFAULT_METHOD = "exact-attention"
+DEFAULT_METHOD = "exact-context"
 METHODS = {m.name: m for m in (
     Method("plain", "plain fine-tuning on all data"),
     Method("filter", "data filtering: every logo image dropped", data="filter"),
@@ -59,7 +61,7 @@ METHODS = {m.name: m for m in (
     Method("gradient-kv", "the paper's projection: gradients of attn2 to_k/to_v only", mode="gradient",
            targets=("kv",)),
     Method("exact-kv", "exact mode, attn2 to_k/to_v", mode="exact", targets=("kv",)),
-    Method("exact-attention", "exact mode, attn2 k/v + projected q/out (the default)", mode="exact",
+    Method("exact-attention", "exact mode, attn2 k/v + projected q/out (the library's default targets)", mode="exact",
            targets=("attention",)),
     Method("exact-kv-frozen-qo", "exact k/v + attn2 to_q/to_out frozen (blunt)", mode="exact", targets=("kv",),
            freeze_q_out=True),
@@ -78,6 +80,11 @@ METHODS = {m.name: m for m in (
            preset="world-logo-contexts"),
     Method("exact-attention-contexts-preserve", "as exact-attention-contexts, the allowed brand in [[preserve]]",
            mode="exact", targets=("attention",), preset="world-logo-contexts-preserve"),
+    Method("exact-context-world-logo", "as the default with the world-logo preset (tokens = all): exact-attention "
+           "plus the text states projected in training", mode="exact", targets=("attention",), project_context=True),
+    Method("exact-context", "exact-attention-contexts-preserve plus the text states projected in training "
+           "(project_context)", mode="exact", targets=("attention",), preset="world-logo-contexts-preserve",
+           project_context=True),
 )}
 
 
@@ -172,7 +179,8 @@ def finetune(base: Base, method: Method, config: TrainConfig, seed: int, scenes:
     exclusion = None
     if method.mode is not None:
         subspace = subspace if subspace is not None else subspace_for(base, method.tokens, method.preset)
-        exclusion = ConceptExclusion.attach(unet, subspace, mode=method.mode, targets=method.targets, optimizer=opt)
+        exclusion = ConceptExclusion.attach(unet, subspace, mode=method.mode, targets=method.targets, optimizer=opt,
+                                            project_context=method.project_context)
     gen = torch.Generator().manual_seed(seed)
     sched = scheduler()
     unet.train()
@@ -188,5 +196,7 @@ def finetune(base: Base, method: Method, config: TrainConfig, seed: int, scenes:
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    if exclusion is not None:  # measurements and attacks see the trained model as a user loads it
+        exclusion.detach()
     unet.eval()
     return Finetuned(method, config, seed, unet, exclusion, time.time() - t0, losses)
