@@ -1,6 +1,6 @@
 """Worker for tests/test_distributed.py: train a tiny UNet with the exclusion attached, save what it ended with.
 
-Run by ``torchrun --nproc_per_node 2 tests/ddp_worker.py --wrap ddp|fsdp OUT`` (gloo, CPU), or
+Run by ``torchrun --nproc_per_node 2 tests/ddp_worker.py --wrap ddp|ddp-context|fsdp|fsdp-lora OUT`` (gloo, CPU), or
 called in-process with ``world=1`` for the single-process reference. Every rank draws the same
 seeded global batch and trains on its own slice, so the global batch is the same in all runs.
 """
@@ -72,14 +72,15 @@ def train(wrap: str, rank: int, world: int) -> dict:
 
         fully_shard(unet, mesh=init_device_mesh("cpu", (world,)))
         model = unet
-    elif wrap == "ddp":
+    elif wrap.startswith("ddp"):
         model = torch.nn.parallel.DistributedDataParallel(unet)
     else:
         model = unet
     # SGD with momentum: Adam divides near-zero gradients (biases before GroupNorm) by their own size,
     # which turns float rounding of the reduction order into 1e-4 weight differences unrelated to us.
     opt = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    exclusion = ConceptExclusion.attach(model, sub, "exact", targets="kv", optimizer=opt)
+    exclusion = ConceptExclusion.attach(model, sub, "exact", targets="kv", optimizer=opt,
+                                        project_context=wrap.endswith("-context"))
     per_rank = GLOBAL_BATCH // world
     for step in range(STEPS):
         x, t, ctx, target = (v[rank * per_rank:(rank + 1) * per_rank] for v in batch(step))
@@ -98,7 +99,7 @@ def train(wrap: str, rank: int, world: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--wrap", choices=("ddp", "fsdp", "fsdp-lora"), required=True)
+    parser.add_argument("--wrap", choices=("ddp", "ddp-context", "fsdp", "fsdp-lora"), required=True)
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     import torch.distributed as dist

@@ -26,9 +26,9 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 _SINGLE: dict[str, dict] = {}
 
 
-def single_run(lora: bool) -> dict:
-    """The single-process reference with the same global batch (full weights, or PEFT LoRA)."""
-    key = "none-lora" if lora else "none"
+def single_run(lora: bool, context: bool = False) -> dict:
+    """The single-process reference with the same global batch (full weights, or PEFT LoRA; context projected)."""
+    key = "none-lora" if lora else ("none-context" if context else "none")
     if key not in _SINGLE:
         torch.set_num_threads(1)
         _SINGLE[key] = ddp_worker.train(key, rank=0, world=1)
@@ -70,9 +70,12 @@ def _check_invariant(weights: dict[str, torch.Tensor], initial: dict[str, torch.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp", "fsdp-lora"])
+@pytest.mark.parametrize("wrap", ["ddp", "ddp-context", "fsdp", "fsdp-lora"])
 def test_two_processes_match_single_process(wrap, tmp_path):
-    single = single_run(lora=wrap.endswith("-lora"))
+    single = single_run(lora=wrap.endswith("-lora"), context=wrap.endswith("-context"))
+    if wrap.endswith("-context"):  # the projected context changes what is learnt, on every rank alike
+        plain = single_run(lora=False)["weights"]
+        assert max(float((single["weights"][n] - plain[n]).abs().max()) for n in plain) > 1e-4
     ranks = _launch(wrap, tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["pid"] != ranks[1]["pid"]
