@@ -23,7 +23,7 @@ from torch import nn
 from .embeddings import POOLED
 from .errors import TargetError
 from .subspace import ConceptSubspace
-from .targets import _basis_for, canonical_name, role_of
+from .targets import basis_for, canonical_name, role_of
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def context_readers(model: nn.Module, subspace: ConceptSubspace) -> list[tuple[s
             log.warning("%s reads the pooled text embedding but the subspace has no pooled basis (build it with "
                         "from_text_encoders for SDXL); its input is not projected", name)
             continue
-        _, basis = _basis_for(role, name, module, subspace, context, in_features, linear.out_features, {})
+        _, basis = basis_for(role, name, module, subspace, context, in_features, linear.out_features, {})
         readers.append((name, module, basis))
     if not readers:
         raise TargetError(f"project_context: no layer of {type(model).__name__} reads text states (searched for "

@@ -118,14 +118,20 @@ class ConceptExclusion:
         found = find_targets(model, subspace, sets, base_model=base_model)
         if project_context is None:
             project_context = defaults.project_context
-        context = ContextProjector(base_model if base_model is not None else model, subspace) if project_context else None
-        self = cls(subspace, found, mode, float(strength), sets, reencode_every if training else None,
-                   leakage_snapshots=leakage_snapshots)
+        # the forward hooks first: they fail (no reader found) before any weight is projected, and go if attaching does
+        context = ContextProjector(model if base_model is None else base_model, subspace) if project_context else None
+        try:
+            self = cls(subspace, found, mode, float(strength), sets, reencode_every if training else None,
+                       leakage_snapshots=leakage_snapshots)
+        except BaseException:
+            if context is not None:
+                context.remove()
+            raise
         self._context = context
         if optimizer is not None:
             self.register_optimizer(optimizer)
-        log.info("concept exclusion attached: %d targets, mode=%s, ranks %s, context projected at %d layers", len(found),
-                 mode, {s: subspace.rank(s) for s in subspace.bases}, len(context.readers) if context else 0)
+        log.info("concept exclusion attached: %d targets, mode=%s, ranks %s, context projected at %d layers",
+                 len(found), mode, {s: subspace.rank(s) for s in subspace.bases}, len(context.readers) if context else 0)
         return self
 
     def _snapshot(self, t: Target) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -286,7 +292,7 @@ class ConceptExclusion:
 
     @property
     def project_context(self) -> bool:
-        """Whether training passes read the text states with the concept's component removed."""
+        """Whether training passes read (or, once detached, read) the text states without the concept's component."""
         return self._context is not None
 
     def detach(self) -> None:
@@ -300,4 +306,5 @@ class ConceptExclusion:
 
     def __repr__(self) -> str:
         return (f"ConceptExclusion(mode={self.mode!r}, targets={len(self.targets)}, "
-                f"sets={list(self.target_sets)}, project_context={self.project_context}, ranks={ {s: self.subspace.rank(s) for s in self.subspace.bases} })")
+                f"sets={list(self.target_sets)}, project_context={self.project_context}, "
+                f"ranks={ {s: self.subspace.rank(s) for s in self.subspace.bases} })")

@@ -178,7 +178,7 @@ def find_targets(model: nn.Module, subspace: ConceptSubspace, target_sets: Itera
             continue
         in_features = factors[0][1].shape[1] if factors else full.shape[1]
         out_features = factors[0][2].shape[0] if factors else full.shape[0]
-        side, basis = _basis_for(role, name, module, subspace, context, in_features, out_features, attention)
+        side, basis = basis_for(role, name, module, subspace, context, in_features, out_features, attention)
         for adapter, down, up in factors:
             suffix = "" if len(factors) == 1 else f"[{adapter}]"
             if side == "input":
@@ -197,8 +197,10 @@ def find_targets(model: nn.Module, subspace: ConceptSubspace, target_sets: Itera
     return targets
 
 
-def _basis_for(role: str, name: str, module: nn.Module, subspace: ConceptSubspace, context: torch.Tensor,
-               in_features: int, out_features: int, attention: dict[str, nn.Module]) -> tuple[str, torch.Tensor]:
+def basis_for(role: str, name: str, module: nn.Module, subspace: ConceptSubspace, context: torch.Tensor,
+              in_features: int, out_features: int, attention: dict[str, nn.Module]) -> tuple[str, torch.Tensor]:
+    """(side, basis) a layer of ``role`` is constrained against: key/value/pooled on their input (the pooled basis
+    zero-padded over the time-id columns), query/out against their attention module's per-head spans."""
     if role in ("key", "value"):
         if in_features != context.shape[0]:
             raise SubspaceError(f"{name}: reads {in_features}-d text embeddings but the concept basis is "

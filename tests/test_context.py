@@ -79,8 +79,12 @@ def test_kohya_network_projects_the_unet_it_patches(sd, tmp_path):
     unet = sd.unet().requires_grad_(False)
     network = _lycoris(sd, unet, "lora", tmp_path)
     sub = ConceptSubspace.from_text_encoder(make_preset(), sd.tokenizer, sd.text_encoder)
+    before = {n: p.detach().clone() for n, p in network.named_parameters()}
     with pytest.raises(TargetError, match="base_model"):
         ConceptExclusion.attach(network, sub, project_context=True)
+    # refused before anything was written: exact mode's attach-time projection of the factors did not run
+    assert all(torch.equal(p, before[n]) for n, p in network.named_parameters())
+    assert not any(m._forward_pre_hooks for m in unet.modules())
     ConceptExclusion.attach(network, sub, project_context=True, base_model=unet)
     ctx = _context(sd).detach()
     seen = []
