@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     register(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--merge"]:
+        torch.set_num_threads(1)  # the report's machine line names the thread count the runs used
         notes = None
         if "--notes" in argv:
             i = argv.index("--notes")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["demo", "--full", *argv])
     if "--out" not in argv:
         args.out = HERE / "evidence-output"
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads or 1)  # the committed figures: one thread per process (summation order)
     cfg = _configs(args)
     command = "python benchmarks/evidence.py " + " ".join(shlex.quote(a) for a in argv)
     run_benchmark(cfg, args.out, args.json, True, command.strip(), pretrain=args.pretrain)

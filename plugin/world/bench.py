@@ -210,7 +210,11 @@ def summarize(results: dict) -> list[dict]:
 
 
 def _judge(rows: list[dict]) -> None:
-    """The bar: reduction >= 90%, held-out loss within 5% of plain, new content learnt clearly better than filter."""
+    """The bar: reduction >= 90%, held-out loss within 5% of plain, new content learnt clearly better than filter.
+
+    The reduction is the sampled one where plain training's excess over the empty prompt is measurable;
+    otherwise the probe's: the gap to the scrub-name control where one was run, else the name probe, else
+    the raw probe (``judged_on`` names the part used)."""
     filt = {r["kind"]: r for r in rows if r["method"] == "filter"}
     for r in rows:
         if "reduction" not in r or r["method"] in ("plain", "filter", "scrub", "scrub-name"):
@@ -227,7 +231,6 @@ def _judge(rows: list[dict]) -> None:
         plain = next((p for p in rows if p["kind"] == r["kind"] and p["method"] == "plain"), None)
         measurable = plain is not None and not math.isnan(plain["excess"][1]) and \
             plain["excess"][0] - plain["excess"][1] > 0
-        r["meets_bar"] = bool(red >= 0.9 and held <= 0.05 and better is not False)
         r["bar_parts"] = {"reduction>=90%": bool(red >= 0.9), "heldout<=+5%": bool(held <= 0.05),
                           "new_content>filter": better,
                           "probe_reduction>=90%": bool(r["probe_reduction_pooled"] >= 0.9),
@@ -236,6 +239,10 @@ def _judge(rows: list[dict]) -> None:
                           **({"name_probe_reduction>=90%": bool(r["name_probe_reduction_pooled"] >= 0.9)}
                              if "name_probe_reduction_pooled" in r else {}),
                           "plain_excess_measurable": measurable}
+        r["judged_on"] = "reduction>=90%" if measurable else next(
+            k for k in ("control_gap_closed>=90%", "name_probe_reduction>=90%", "probe_reduction>=90%")
+            if k in r["bar_parts"])
+        r["meets_bar"] = bool(r["bar_parts"][r["judged_on"]] and held <= 0.05 and better is not False)
 
 
 def machine() -> str:
@@ -269,7 +276,7 @@ def table(rows: list[dict], markdown: bool = True) -> str:
         bar = ""
         if "meets_bar" in r:
             missed = [k for k, v in r["bar_parts"].items() if v is False and k in (
-                "reduction>=90%", "heldout<=+5%", "new_content>filter")]
+                r["judged_on"], "heldout<=+5%", "new_content>filter")]
             bar = "yes" if r["meets_bar"] else "no (" + ", ".join(missed) + ")"
         red_pooled = f"{r['reduction_pooled'] * 100:.0f}%" if "reduction_pooled" in r and not math.isnan(
             r["reduction_pooled"]) else ""

@@ -69,14 +69,10 @@ def write_results(path: str | Path, results: dict, rows: list[dict], command: st
         if "meets_bar" in r:
             parts = ", ".join(f"{k}: {'yes' if v else ('no' if v is False else 'n/a')}" for k, v in r["bar_parts"].items())
             word = "meets the bar" if r["meets_bar"] else "misses the bar"
-            b = r["bar_parts"]
-            if not b.get("plain_excess_measurable", True):  # sampled extraction unreadable: judge by the probe
-                key = next(k for k in ("control_gap_closed>=90%", "name_probe_reduction>=90%", "probe_reduction>=90%")
-                           if k in b)
-                probe_ok = b[key] and b["heldout<=+5%"] and b["new_content>filter"] is not False
+            if r["judged_on"] != "reduction>=90%":  # sampled extraction unreadable: judged by the probe
                 what = {"control_gap_closed>=90%": "the probe's gap to the scrub-name control",
-                        "name_probe_reduction>=90%": "the name probe"}.get(key, "the probe")
-                word = (f"meets the bar on {what} (sampling inconclusive)" if probe_ok
+                        "name_probe_reduction>=90%": "the name probe"}.get(r["judged_on"], "the probe")
+                word = (f"meets the bar on {what} (sampling inconclusive)" if r["meets_bar"]
                         else f"misses the bar (judged on {what}; sampling inconclusive)")
             gap = (f", pooled gap to the control closed {r['control_gap_closed_pooled'] * 100:.0f}%"
                    if "control_gap_closed_pooled" in r else "")
