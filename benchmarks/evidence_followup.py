@@ -13,6 +13,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from concept_exclusion.world.bench import name_probe
+
 HERE = Path(__file__).resolve().parent
 DEFAULT = ("exact-attention", "exact-attention-contrastive+concept", "exact-attention-contexts",
            "exact-attention-contexts-preserve", "exact-context-world-logo", "exact-context")
@@ -39,10 +41,9 @@ def per_seed(runs: dict, method: str) -> list[dict]:
         r, p, c = runs[(method, seed)], runs.get(("plain", seed)), runs.get(("scrub-name", seed))
         if p is None or c is None:
             continue
-        name = lambda x: x["probe"]["mean"] - x["generic_probe"]["mean"]
         rows.append({"seed": seed, "rank": r.get("subspace_rank", ""),
                      "gap": (p["probe"]["mean"] - r["probe"]["mean"]) / (p["probe"]["mean"] - c["probe"]["mean"]),
-                     "name": 1 - name(r) / name(p), "kept": r["allowed_probe"]["mean"] / p["allowed_probe"]["mean"],
+                     "name": 1 - name_probe(r) / name_probe(p), "kept": r["allowed_probe"]["mean"] / p["allowed_probe"]["mean"],
                      "held": r["heldout_loss"] / p["heldout_loss"] - 1, "wl": r.get("max_weight_leakage", 0.0)})
     return rows
 

@@ -65,23 +65,23 @@ METHODS = {m.name: m for m in (
            targets=("attention",)),
     Method("exact-kv-frozen-qo", "exact k/v + attn2 to_q/to_out frozen (blunt)", mode="exact", targets=("kv",),
            freeze_q_out=True),
-    Method("exact-attention-phrase", "as the default, preset names the whole phrase 'with the zorblax logo'",
+    Method("exact-attention-phrase", "as exact-attention, preset names the whole phrase 'with the zorblax logo'",
            mode="exact", targets=("attention",), preset="world-logo-phrase"),
     Method("exact-kv-phrase", "exact k/v, preset names the whole phrase 'with the zorblax logo'", mode="exact",
            targets=("kv",), preset="world-logo-phrase"),
-    Method("exact-attention-concept", "as the default, basis: concept tokens only", mode="exact",
+    Method("exact-attention-concept", "as exact-attention, basis: concept tokens only", mode="exact",
            targets=("attention",), tokens="concept"),
-    Method("exact-attention-contrastive", "as the default, basis: contrastive rows", mode="exact",
+    Method("exact-attention-contrastive", "as exact-attention, basis: contrastive rows", mode="exact",
            targets=("attention",), tokens="contrastive"),
-    Method("exact-attention-contrastive+concept", "as the default, basis: contrastive + concept rows",
+    Method("exact-attention-contrastive+concept", "as exact-attention, basis: contrastive + concept rows",
            mode="exact", targets=("attention",), tokens="contrastive+concept"),
-    Method("exact-attention-contexts", "as the default, preset in 24 caption contexts, contrasted with the "
+    Method("exact-attention-contexts", "as exact-attention, preset in 24 caption contexts, contrasted with the "
            "allowed brand (contrastive + concept rows)", mode="exact", targets=("attention",),
            preset="world-logo-contexts"),
     Method("exact-attention-contexts-preserve", "as exact-attention-contexts, the allowed brand in [[preserve]]",
            mode="exact", targets=("attention",), preset="world-logo-contexts-preserve"),
-    Method("exact-context-world-logo", "as the default with the world-logo preset (tokens = all): exact-attention "
-           "plus the text states projected in training", mode="exact", targets=("attention",), project_context=True),
+    Method("exact-context-world-logo", "exact-attention (world-logo preset, tokens = all) plus the text states "
+           "projected in training", mode="exact", targets=("attention",), project_context=True),
     Method("exact-context", "exact-attention-contexts-preserve plus the text states projected in training "
            "(project_context)", mode="exact", targets=("attention",), preset="world-logo-contexts-preserve",
            project_context=True),
