@@ -11,7 +11,6 @@ included).
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from concept_exclusion.errors import ConceptExclusionError, SubspaceError, Targe
 from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.preset import Preset, load_preset
 from concept_exclusion.safeio import read_safetensors, write_safetensors
+from concept_exclusion.sdxl_names import diffusers_to_sai
 from concept_exclusion.subspace import ConceptSubspace
 from concept_exclusion.targets import canonical_name
 
@@ -155,32 +155,6 @@ def _lora_layers(unet: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
     return out
 
 
-_SAI_PATTERNS = (
-    (re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)$"), "input_blocks"),
-    (re.compile(r"^mid_block\.attentions\.0\.(.*)$"), "middle_block"),
-    (re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)$"), "output_blocks"),
-)
-
-
-def sai_module_path(path: str, layers_per_block: int) -> str:
-    """SDXL: the Stability (sgm) path of a diffusers UNet attention path, as kohya names SDXL LoRA modules.
-
-    Inverse of diffusers' ``_maybe_map_sgm_blocks_to_diffusers``: down block i, layer j -> input block
-    i*(L+1)+j+1; mid attention -> middle_block.1; up block i, layer j -> output block i*(L+1)+j (L = layers per
-    block; up blocks hold L+1 layers). Paths outside the attention blocks are returned unchanged.
-    """
-    m = _SAI_PATTERNS[0][0].match(path)
-    if m:
-        return f"input_blocks.{int(m[1]) * (layers_per_block + 1) + int(m[2]) + 1}.1.{m[3]}"
-    m = _SAI_PATTERNS[1][0].match(path)
-    if m:
-        return f"middle_block.1.{m[1]}"
-    m = _SAI_PATTERNS[2][0].match(path)
-    if m:
-        return f"output_blocks.{int(m[1]) * (layers_per_block + 1) + int(m[2])}.1.{m[3]}"
-    return path
-
-
 def kohya_state_dict(unet: nn.Module, adapter: str = "default", sdxl_names: bool | None = None,
                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The adapter as kohya LoRA tensors: ``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
@@ -202,7 +176,7 @@ def kohya_state_dict(unet: nn.Module, adapter: str = "default", sdxl_names: bool
             raise TargetError(f"{path}: only Linear LoRA layers are written in kohya layout, got {down.ndim}-d")
         rank = down.shape[0]
         scaling = float(m.scaling[adapter])
-        kohya_path = sai_module_path(path, layers_per_block) if sdxl_names else path
+        kohya_path = diffusers_to_sai(path, layers_per_block) if sdxl_names else path
         name = "lora_unet_" + kohya_path.replace(".", "_")
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
         out[f"{name}.lora_down.weight"] = cast(down).contiguous().cpu()

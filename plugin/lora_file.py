@@ -19,6 +19,7 @@ import torch
 
 from .errors import LoraFileError
 from .safeio import read_safetensors
+from .sdxl_names import sai_to_diffusers
 from .targets import role_of
 
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "lora_te1", "lora_te2")
@@ -214,18 +215,8 @@ def layer_key(name: str) -> str:
 
 
 def sgm_to_diffusers(key: str, layers_per_block: int) -> str:
-    """Map a kohya SDXL (SAI/SGM) attention layer name to diffusers' UNet path, as diffusers'
-    ``_maybe_map_sgm_blocks_to_diffusers`` numbers blocks: ``input_blocks_n_1`` is down block
-    ``(n-1)//(lpb+1)``, attention ``(n-1)%(lpb+1)``; ``output_blocks_n_1`` is up block ``n//(lpb+1)``."""
-    step = layers_per_block + 1
-    if (m := re.match(r"^lora_unet_input_blocks_(\d+)_1_(.*)$", key)):
-        n = int(m[1])
-        return f"lora_unet_down_blocks_{(n - 1) // step}_attentions_{(n - 1) % step}_{m[2]}"
-    if (m := re.match(r"^lora_unet_middle_block_1_(.*)$", key)):
-        return f"lora_unet_mid_block_attentions_0_{m[1]}"
-    if (m := re.match(r"^lora_unet_output_blocks_(\d+)_1_(.*)$", key)):
-        n = int(m[1])
-        return f"lora_unet_up_blocks_{n // step}_attentions_{n % step}_{m[2]}"
-    if key == "lora_unet_label_emb_0_0":
-        return "lora_unet_add_embedding_linear_1"
-    return key
+    """A kohya SDXL (SAI/SGM) layer name (``lora_unet_input_blocks_4_1_...``) as diffusers' (``lora_unet_down_blocks_1_
+    attentions_0_...``); other names unchanged (see ``sdxl_names``)."""
+    if not key.startswith("lora_unet_"):
+        return key
+    return "lora_unet_" + sai_to_diffusers(key[len("lora_unet_"):], layers_per_block, sep="_")

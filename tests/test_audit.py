@@ -247,6 +247,30 @@ def test_sgm_names_map_like_diffusers():
         assert sgm_to_diffusers(n, 2) == theirs[i]
 
 
+def test_sdxl_names_round_trip_in_both_separators(sdxl):
+    """Every attention path of an SDXL-shaped UNet maps to its Stability name and back, as module path and as
+    kohya key; the names kohya_state_dict writes are the ones the audit maps back to diffusers' layers."""
+    from concept_exclusion.integrations.diffusers import kohya_state_dict
+    from concept_exclusion.sdxl_names import diffusers_to_sai, sai_to_diffusers
+    from peft import LoraConfig
+
+    unet = sdxl.unet()
+    lpb = unet.config.layers_per_block
+    paths = [n for n, _ in unet.named_modules() if ".attentions." in n and n.endswith("attn2.to_k")]
+    assert paths and any(p.startswith("up_blocks") for p in paths) and any(p.startswith("mid_block") for p in paths)
+    for path in paths:
+        sai = diffusers_to_sai(path, lpb)
+        assert sai != path and sai_to_diffusers(sai, lpb) == path
+        key = path.replace(".", "_")
+        assert sai_to_diffusers(diffusers_to_sai(key, lpb, sep="_"), lpb, sep="_") == key
+        assert sgm_to_diffusers("lora_unet_" + diffusers_to_sai(key, lpb, sep="_"), lpb) == "lora_unet_" + key
+    assert diffusers_to_sai("time_embedding.linear_1", lpb) == "time_embedding.linear_1"
+    assert sai_to_diffusers("label_emb.0.0", lpb) == "add_embedding.linear_1"
+    unet.add_adapter(LoraConfig(r=2, target_modules=["attn2.to_k"]))
+    written = {k.split(".")[0] for k in kohya_state_dict(unet, sdxl_names=True)}
+    assert {sgm_to_diffusers(k, lpb) for k in written} == {"lora_unet_" + p.replace(".", "_") for p in paths}
+
+
 def test_large_basis_fits_the_header(tmp_path):
     torch.manual_seed(0)
     rows = torch.randn(200, 64, dtype=torch.float64) @ torch.randn(64, 2048, dtype=torch.float64)
