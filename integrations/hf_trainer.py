@@ -26,8 +26,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from concept_exclusion.errors import ConceptExclusionError, SubspaceError
+from concept_exclusion.errors import ConceptExclusionError, ModelFolderError, SubspaceError
 from concept_exclusion.exclusion import ConceptExclusion
+from concept_exclusion.model_folder import load_text_encoders
 from concept_exclusion.preset import TARGET_SETS, load_preset, parse_preset
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 from concept_exclusion.subspace import ConceptSubspace
@@ -119,28 +120,10 @@ def subspace_from_json(doc: dict[str, Any]) -> ConceptSubspace:
 
 def _load_text_encoders(source: str) -> tuple[list, list]:
     """Tokenizer(s) and frozen text encoder(s) from a diffusers model folder or hub id (SDXL: both)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    local = Path(source)
-    has_second = (local / "text_encoder_2").is_dir() if local.is_dir() else False
-    if not local.is_dir():
-        try:
-            from huggingface_hub import file_exists
-
-            has_second = file_exists(source, "text_encoder_2/config.json")
-        except Exception as exc:  # offline, no such repo, ...
-            raise ConceptExclusionError(f"--concept_text_encoder {source}: not a folder, and the hub "
-                                        f"cannot be asked ({exc.__class__.__name__})") from None
     try:
-        toks = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")]
-        encs = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder")]
-        if has_second:
-            toks.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
-            encs.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"))
-    except OSError as exc:
-        raise ConceptExclusionError(f"--concept_text_encoder {source}: cannot load tokenizer/text_encoder "
-                                    f"({str(exc).splitlines()[0]})") from None
-    return toks, [e.eval().requires_grad_(False) for e in encs]
+        return load_text_encoders(source, local_files_only=False)
+    except ModelFolderError as exc:
+        raise ConceptExclusionError(f"--concept_text_encoder {exc}") from None
 
 
 class ConceptExclusionCallback(TrainerCallback, ExportableState):

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from .embeddings import CONTEXT, POOLED, TextEncoders, concept_rows
-from .errors import AuditError
+from .errors import AuditError, ModelFolderError
 from .metadata import PREFIX, read_basis, read_provenance
+from .model_folder import load_text_encoders
 from .preset import Preset, load_preset, parse_preset
 from .safeio import read_header
 from .subspace import ConceptSubspace
@@ -53,29 +54,23 @@ class BaseModel:
 def load_base(folder: str | Path, clip_skip: int | None) -> BaseModel:
     """Tokenizer(s), text encoder(s) and UNet of a local diffusers model folder (no download)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(folder)
     if not (root / "text_encoder").is_dir() or not (root / "tokenizer").is_dir() or not (root / "unet").is_dir():
         raise AuditError(f"--base {root}: not a diffusers model folder (needs tokenizer/, text_encoder/ and unet/)")
-    dual = (root / "text_encoder_2").is_dir()
     try:
-        toks = [CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)]
-        encs = [CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True)]
-        if dual:
-            toks.append(CLIPTokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True))
-            encs.append(CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder_2"),
-                                                                    local_files_only=True))
+        toks, encs = load_text_encoders(root, local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
+    except ModelFolderError as exc:
+        raise AuditError(f"--base {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AuditError(f"--base {root}: cannot load the model ({first})") from None
-    encs = [e.eval().requires_grad_(False) for e in encs]
     unet = unet.eval().requires_grad_(False)
     modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in unet.named_modules() if n}
     lpb = unet.config.layers_per_block
     lpb = lpb[0] if isinstance(lpb, (list, tuple)) else lpb
-    return BaseModel(TextEncoders(toks, encs, clip_skip, dual=dual), unet, modules, int(lpb))
+    return BaseModel(TextEncoders(toks, encs, clip_skip, dual=len(encs) == 2), unet, modules, int(lpb))
 
 
 # the audit ------------------------------------------------------------------------------------------------

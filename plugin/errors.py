@@ -27,3 +27,7 @@ class LoraFileError(ConceptExclusionError):
 
 class AuditError(ConceptExclusionError):
     """The audit cannot proceed: a base model is unusable, or no concept basis can be had."""
+
+
+class ModelFolderError(ConceptExclusionError):
+    """A diffusers model folder (or hub id) cannot be read: missing parts, or a loader failed."""
