@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
+from concept_exclusion.encoders import TextEncoders
 from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.preset import Preset, load_preset
 from concept_exclusion.safeio import read_safetensors, write_safetensors
@@ -45,20 +46,36 @@ def _preset(preset: Preset | str | Path) -> Preset:
     return preset if isinstance(preset, Preset) else load_preset(preset)
 
 
-def subspace_from_pipeline(preset: Preset | str | Path, pipe, clip_skip: int | None = None) -> ConceptSubspace:
-    """The concept subspace read by ``pipe``'s UNet, from the pipeline's own tokenizer(s) and text encoder(s).
-
-    SD1.x/2.x: one encoder; SDXL: both, concatenated penultimate states plus a pooled basis.
-    ``clip_skip`` is kohya's (2 = penultimate); diffusers' pipeline argument ``clip_skip=n`` is ours ``n + 1``.
-    """
-    preset = _preset(preset)
-    tok, enc = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
-    if tok is None or enc is None:
+def pipeline_encoders(pipe) -> tuple[list, list]:
+    """(tokenizers, text encoders) of ``pipe`` in order (``text_encoder``, ``_2``, ``_3``, those present); a
+    missing ``tokenizer_N`` falls back to the first tokenizer."""
+    toks, encs = [], []
+    for suffix in ("", "_2", "_3"):
+        enc = getattr(pipe, "text_encoder" + suffix, None)
+        if enc is None:
+            continue
+        tok = getattr(pipe, "tokenizer" + suffix, None) or (toks[0] if toks else None)
+        if tok is None:
+            break
+        toks.append(tok)
+        encs.append(enc)
+    if not encs or len(toks) != len(encs):
         raise SubspaceError(f"{type(pipe).__name__} has no tokenizer/text_encoder to encode the concept with")
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        tok2 = getattr(pipe, "tokenizer_2", None) or tok
-        return ConceptSubspace.from_text_encoders(preset, [tok, tok2], [enc, pipe.text_encoder_2], clip_skip)
-    return ConceptSubspace.from_text_encoder(preset, tok, enc, clip_skip)
+    return toks, encs
+
+
+def subspace_from_pipeline(preset: Preset | str | Path, pipe, clip_skip: int | None = None,
+                           max_sequence_length: int | None = None) -> ConceptSubspace:
+    """The concept subspace read by ``pipe``'s denoiser, from the pipeline's own tokenizer(s) and text encoder(s).
+
+    SD1.x/2.x: one encoder; SDXL: both, concatenated penultimate states plus a pooled basis; Flux: T5
+    states plus CLIP's pooled basis; SD3: CLIP-L ++ CLIP-G zero-padded to T5's width, then T5, plus the
+    pooled CLIP-L ++ CLIP-G basis (``ConceptSubspace.from_encoders``). ``clip_skip`` is kohya's
+    (2 = penultimate); diffusers' pipeline argument ``clip_skip=n`` is ours ``n + 1``.
+    ``max_sequence_length``: T5's length, as given to the pipeline (default: its tokenizer's).
+    """
+    toks, encs = pipeline_encoders(pipe)
+    return ConceptSubspace.from_encoders(_preset(preset), toks, encs, clip_skip, max_length=max_sequence_length)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -72,15 +89,19 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def _unet_of(pipe_or_unet) -> nn.Module:
-    unet = getattr(pipe_or_unet, "unet", None)
-    return unwrap(unet if isinstance(unet, nn.Module) else pipe_or_unet)
+    """The denoiser: ``pipe.unet``, ``pipe.transformer`` (SD3/Flux), or the module given."""
+    for attr in ("unet", "transformer"):
+        inner = getattr(pipe_or_unet, attr, None)
+        if isinstance(inner, nn.Module):
+            return unwrap(inner)
+    return unwrap(pipe_or_unet)
 
 
 def attach_to_pipeline(pipe, preset: Preset | str | Path, mode: str | None = None, *, optimizer=None,
                        clip_skip: int | None = None, **kwargs) -> ConceptExclusion:
     """Build the subspace from ``pipe`` and attach the exclusion to ``pipe.unet`` (text encoders passed for the check)."""
     subspace = subspace_from_pipeline(preset, pipe, clip_skip)
-    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+    _, encoders = pipeline_encoders(pipe)
     return ConceptExclusion.attach(_unet_of(pipe), subspace, mode, optimizer=optimizer, text_encoder=encoders, **kwargs)
 
 
@@ -92,54 +113,27 @@ def attach_exclusion(unet: nn.Module, preset: Preset | str | Path, tokenizer, te
     Call it after the optimizer exists (exact mode's post-step work is registered on it) and before
     ``accelerator.prepare``. Other keyword arguments go to ``ConceptExclusion.attach``.
     """
-    preset = _preset(preset)
-    if isinstance(text_encoder, (list, tuple)) and len(text_encoder) == 2:
-        subspace = ConceptSubspace.from_text_encoders(preset, list(tokenizer), list(text_encoder), clip_skip)
-        encoders = list(text_encoder)
-    else:
-        one_tok = tokenizer[0] if isinstance(tokenizer, (list, tuple)) else tokenizer
-        encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-        subspace = ConceptSubspace.from_text_encoder(preset, one_tok, encoders[0], clip_skip)
+    subspace = ConceptSubspace.from_encoders(_preset(preset), tokenizer, text_encoder, clip_skip)
+    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     return ConceptExclusion.attach(unwrap(unet), subspace, optimizer=optimizer, text_encoder=encoders, **kwargs)
 
 
 # text conditioning -------------------------------------------------------------------------------
-def encode_prompts(pipe, texts: Sequence[str], clip_skip: int | None = None, device=None, dtype=None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(prompt embeddings [n, L, d], pooled [n, p] or None): the conditioning the UNet is trained on.
+def encode_prompts(pipe, texts: Sequence[str], clip_skip: int | None = None, device=None, dtype=None,
+                   max_sequence_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt embeddings [n, L, d], pooled [n, p] or None): the conditioning the denoiser is trained on.
 
-    It selects the same layer as the subspace (``concept_exclusion.embeddings.TextEncoders``): SD1.x/2.x the
-    last layer, or layer ``-clip_skip`` through the final layer norm; SDXL layer ``-clip_skip`` (default 2) of both
-    encoders, concatenated, and the second encoder's pooled projection.
+    It is the subspace's own encoding path (``concept_exclusion.encoders.TextEncoders.conditioning``), so
+    the two read the same layers: SD1.x/2.x the last layer, or layer ``-clip_skip`` through the final layer
+    norm; SDXL layer ``-clip_skip`` (default 2) of both encoders, concatenated, and the second's pooled
+    projection; Flux and SD3 as in ``subspace_from_pipeline``.
     """
-    dual = getattr(pipe, "text_encoder_2", None) is not None
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if dual:
-        pairs.append((getattr(pipe, "tokenizer_2", None) or pipe.tokenizer, pipe.text_encoder_2))
-    skip = clip_skip if clip_skip is not None else (2 if dual else None)
-    max_length = min(int(t.model_max_length) for t, _ in pairs)
-    states, pooled = [], None
-    for tok, enc in pairs:
-        dev = device if device is not None else next(enc.parameters()).device
-        ids = tok(list(texts), padding="max_length", max_length=max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(dev)
-        out = enc(ids, output_hidden_states=True)
-        if dual:
-            h = out.hidden_states[-skip]
-        elif skip in (None, 1):
-            h = out.last_hidden_state
-        else:
-            norm = getattr(enc, "text_model", enc).final_layer_norm  # transformers 5 flattened CLIPTextModel
-            h = norm(out.hidden_states[-skip])
-        states.append(h)
-        pooled = getattr(out, "text_embeds", None)
-        if pooled is None:
-            pooled = out.pooler_output
-    embeds = torch.cat(states, dim=-1)
+    toks, encs = pipeline_encoders(pipe)
+    embeds, pooled = TextEncoders(toks, encs, clip_skip, max_length=max_sequence_length).conditioning(texts, device)
     if dtype is not None:
         embeds = embeds.to(dtype)
-        pooled = pooled.to(dtype)
-    return embeds, (pooled if dual else None)
+        pooled = pooled.to(dtype) if pooled is not None else None
+    return embeds, pooled
 
 
 # LoRA files ---------------------------------------------------------------------------------------

@@ -20,44 +20,45 @@ import logging
 import torch
 from torch import nn
 
-from .embeddings import POOLED
 from .errors import TargetError
+from .roles import ROLES, basis_for, canonical_name, role_of
 from .subspace import ConceptSubspace
-from .targets import basis_for, canonical_name, role_of
 
 log = logging.getLogger(__name__)
 
-READER_ROLES = ("key", "value", "pooled")
-
 
 def context_readers(model: nn.Module, subspace: ConceptSubspace) -> list[tuple[str, nn.Module, torch.Tensor]]:
-    """(name, module, basis) for every layer of ``model`` that reads text states, trainable or not.
+    """(name, module, basis) for every layer of ``model`` whose role reads text states, trainable or not.
 
     ``model`` is the module that runs the forward pass: the UNet (plain, PEFT-wrapped or patched by
-    a kohya-style network), not the network object. The pooled path is included when the subspace
-    has a pooled basis (the time-id columns of its input stay as they are).
+    a kohya-style network), not the network object. A reader whose space the subspace lacks (SDXL's
+    pooled path with an SD1-style subspace) is left out with a warning; padded rows (the pooled
+    columns) leave the columns after the basis as they are.
     """
-    context = subspace.basis()
     readers = []
+    warned: set[str] = set()
     for raw_name, module in model.named_modules():
         name = canonical_name(raw_name)
         role = role_of(name)
-        if role not in READER_ROLES:
+        if role is None or not ROLES[role].reads_text:
             continue
         linear = getattr(module, "base_layer", module)
         in_features = getattr(linear, "in_features", None)
         if in_features is None:
             continue
-        if role == "pooled" and POOLED not in subspace.bases:
-            log.warning("%s reads the pooled text embedding but the subspace has no pooled basis (build it with "
-                        "from_text_encoders for SDXL); its input is not projected", name)
+        if ROLES[role].space not in subspace.bases:
+            if role not in warned:
+                log.warning("%s reads the %s text embedding but the subspace has no %r basis (build it from all "
+                            "of the model's text encoders); its input is not projected", name, ROLES[role].space,
+                            ROLES[role].space)
+                warned.add(role)
             continue
-        _, basis = basis_for(role, name, module, subspace, context, in_features, linear.out_features, {})
+        _, basis = basis_for(role, name, subspace.bases, in_features)
         readers.append((name, module, basis))
     if not readers:
+        labels = " / ".join(r.label for r in ROLES.values() if r.reads_text)
         raise TargetError(f"project_context: no layer of {type(model).__name__} reads text states (searched for "
-                          f"attn2.to_k / attn2.to_v / add_embedding.linear_1); pass the UNet itself (kohya: "
-                          f"base_model=)")
+                          f"{labels}); pass the UNet itself (kohya: base_model=)")
     return readers
 
 

@@ -128,6 +128,7 @@ class ConceptExclusion:
                 context.remove()
             raise
         self._context = context
+        self._model, self._base_model = model, base_model
         if optimizer is not None:
             self.register_optimizer(optimizer)
         log.info("concept exclusion attached: %d targets, mode=%s, ranks %s, context projected at %d layers",
@@ -185,15 +186,16 @@ class ConceptExclusion:
             self._weights()
 
     def _reencode(self) -> None:
+        """Re-encode the concept and give every target its new basis from the role registry."""
         new = self.subspace.recompute()
         log.info("re-encoded the concept after %d steps (ranks %s)", self.steps, {s: new.rank(s) for s in new.bases})
+        fresh = {t.name: t.basis for t in find_targets(self._model, new, self.target_sets, base_model=self._base_model)}
+        missing = [t.name for t in self.targets if t.name not in fresh]
+        if missing:
+            raise TargetError(f"re-encoding: {missing[0]} is no longer a target of the model; keep the model's "
+                              f"layers unchanged while the exclusion is attached")
         for t in self.targets:
-            if t.role in ("key", "value"):
-                t.basis = new.basis("context")
-            elif t.role == "pooled":
-                pooled = new.basis("pooled")
-                t.basis = torch.zeros(t.basis.shape[0], pooled.shape[1], dtype=torch.float64)
-                t.basis[:pooled.shape[0]] = pooled
+            t.basis = fresh[t.name]
         self.subspace = new
         if self._context is not None:
             self._context.remove()

@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 
 from ._version import __version__
-from .embeddings import CONTEXT, TextEncoders, concept_rows
+from .embeddings import concept_rows
+from .encoders import CONTEXT, TextEncoders
 from .errors import SafetensorsFileError, SubspaceError
 from .preset import Preset, parse_preset
 from .safeio import read_safetensors, write_safetensors
@@ -51,8 +52,8 @@ def remove_span(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ConceptSubspace:
-    """Orthonormal bases (float64, [d, r]) per embedding space: 'context' (cross-attention input) and,
-    for SDXL, 'pooled' (the pooled text embedding that feeds ``add_embedding``)."""
+    """Orthonormal bases (float64, [d, r]) per embedding space: 'context' (the text states the denoiser reads)
+    and, for SDXL/SD3/Flux, 'pooled' (the pooled text embedding, e.g. SDXL's ``add_embedding`` input)."""
 
     bases: dict[str, torch.Tensor]
     preset: Preset | None = None
@@ -71,9 +72,26 @@ class ConceptSubspace:
 
     # construction -----------------------------------------------------------------------------
     @classmethod
+    def from_encoders(cls, preset: Preset, tokenizers, text_encoders, clip_skip: int | None = None, *,
+                      family: str | None = None, max_length: int | None = None) -> "ConceptSubspace":
+        """Any model family, from its tokenizer(s) and text encoder(s) in pipeline order (one object or a list).
+
+        1 encoder: SD1.x/2.x CLIP, or one BERT/T5-style encoder; 2: SDXL (CLIP-L, CLIP-G) or Flux
+        (CLIP, T5); 3: SD3 (CLIP-L, CLIP-G, T5); ``family`` overrides the guess (``encoders.FAMILIES``).
+        ``clip_skip`` as in kohya (2 = penultimate layer; CLIP encoders only). ``max_length``: sequence
+        length of the T5/BERT encoder (default: its tokenizer's ``model_max_length``).
+        """
+        toks = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
+        encs = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+        if len(encs) == 1:
+            toks = toks[:1]  # a script may hand over all tokenizers with its one encoder
+        return cls._from_encoders(preset, TextEncoders(toks, encs, clip_skip, family=family, max_length=max_length))
+
+    @classmethod
     def from_text_encoder(cls, preset: Preset, tokenizer, text_encoder, clip_skip: int | None = None
                           ) -> "ConceptSubspace":
-        """SD1.x/2.x: one tokenizer and text encoder. ``clip_skip`` as in kohya (2 = penultimate layer)."""
+        """One tokenizer and text encoder (SD1.x/2.x CLIP, or a BERT/T5-style encoder, given its attention mask).
+        ``clip_skip`` as in kohya (2 = penultimate layer)."""
         return cls._from_encoders(preset, TextEncoders([tokenizer], [text_encoder], clip_skip))
 
     @classmethod
