@@ -1,7 +1,10 @@
 """``concept-exclusion train`` data: a folder of images with same-name ``.txt`` captions, and its order.
 
-Invariant (determinism): which images micro-batch m sees, and the seed of its noise, timesteps and
-caption dropout, depend on (seed, m, process rank) alone, so a resumed run replays the same batches.
+Invariants: every image and caption is read and checked by ``scan_dataset``, before step 1 (a bad
+file stops the run with one line naming it, not at the step that first draws it); images are at most
+``MAX_PIXELS`` (a PNG header may claim any size) and 16-bit images keep their range. Determinism:
+which images micro-batch m sees, and the seed of its noise, timesteps and caption dropout, depend on
+(seed, m, process rank) alone, so a resumed run replays the same batches.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from concept_exclusion.errors import ConceptExclusionError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_PIXELS = 8192 * 8192
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 @dataclass
@@ -37,8 +42,9 @@ def scan_dataset(folder: str | Path) -> list[Example]:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         caption_file = path.with_suffix(".txt")
+        check_image(path)
         if caption_file.is_file():
-            caption = caption_file.read_text(encoding="utf-8").strip()
+            caption = read_caption(caption_file)
         else:
             log.warning("%s has no caption file %s: training it with an empty caption", path, caption_file.name)
             caption = ""
@@ -46,6 +52,50 @@ def scan_dataset(folder: str | Path) -> list[Example]:
     if not examples:
         raise ConceptExclusionError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return examples
+
+
+def read_caption(path: Path) -> str:
+    """A caption file as UTF-8 text (a BOM allowed); anything else is one ``ConceptExclusionError`` line."""
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ConceptExclusionError(f"{path}: caption is not UTF-8 text (byte {exc.start}); re-save it as UTF-8") \
+            from None
+    except OSError as exc:
+        raise ConceptExclusionError(f"{path}: cannot read caption ({exc.strerror or exc})") from None
+
+
+def _open(path: Path):
+    """``Image.open`` with the size checked from the header, before any pixel is decoded."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ConceptExclusionError(f"{path}: image is too large ({str(exc)[:120]})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ConceptExclusionError(f"{path}: cannot read image ({str(exc)[:200] or type(exc).__name__})") from None
+    width, height = im.size
+    if width < 1 or height < 1 or width * height > MAX_PIXELS:
+        im.close()
+        raise ConceptExclusionError(f"{path}: image is {width}x{height}; at most {MAX_PIXELS} pixels are read")
+    return im
+
+
+def check_image(path: Path) -> None:
+    """Open and fully decode one image (its size checked first), so that a bad file is found before training."""
+    from PIL import Image
+
+    im = _open(path)
+    try:
+        with im:
+            im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ConceptExclusionError(f"{path}: cannot read image ({str(exc)[:200] or type(exc).__name__})") from None
 
 
 def dataset_fingerprint(examples: list[Example]) -> str:
@@ -60,17 +110,27 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = resolution / min(im.size)
-            size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
-            im = im.resize(size, Image.BICUBIC)
-            left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
-            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    except OSError as exc:
-        raise ConceptExclusionError(f"{path}: cannot read image ({exc})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        with _open(path) as im:
+            if im.mode in _SIXTEEN_BIT:  # 16-bit grey: scaled from its own range, not clipped at 255
+                grey = Image.fromarray(np.asarray(im, dtype=np.float32) / 65535.0, mode="F")
+                plane = np.asarray(_resize_crop(grey, resolution), dtype=np.float32).clip(0.0, 1.0) * 2.0 - 1.0
+                arr = np.stack([plane] * 3, axis=-1)
+            else:
+                arr = np.asarray(_resize_crop(im.convert("RGB"), resolution), dtype=np.float32) / 127.5 - 1.0
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ConceptExclusionError(f"{path}: cannot read image ({str(exc)[:200] or type(exc).__name__})") from None
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def _resize_crop(im, resolution: int):
+    """Shorter side resized to ``resolution`` (bicubic, in float), then center-cropped to a square."""
+    from PIL import Image
+
+    scale = resolution / min(im.size)
+    size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
+    im = im.resize(size, Image.BICUBIC)
+    left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
 
 
 _ORDER, _NOISE = 0, 1

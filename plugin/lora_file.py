@@ -1,16 +1,18 @@
-"""Reading LoRA files in any common layout, as per-layer weight deltas.
+"""A LoRA file as adapters per model layer, and the weight change each adapter makes.
 
-Layouts: kohya (``lora_down``/``lora_up``/``alpha``), diffusers (``lora.down``/``lora.up`` or
-``unet.*.lora_A``/``lora_B``), PEFT (``lora_A``/``lora_B``, alpha from ``adapter_config.json`` or
-diffusers' ``lora_adapter_metadata``), and LyCORIS LoHa/LoKr/full ``diff``. Invariant: files are read
-with safetensors only, and each delta is ``scale * up @ down`` in float64 with the file's own scale.
+Every tensor is accounted for: it belongs to an ``Adapter`` (factors of one layer in one spelling),
+to a layer's auxiliary settings (alpha, DoRA magnitude, ...), or to ``LoraFile.unknown`` (names no
+loader convention explains). ``effective_delta`` forms ``W' - W0`` in float64 with the formula the
+loaders apply (LoRA with optional Tucker middle, DoRA/PEFT magnitude, LoHa, LoKr, full ``diff``),
+or says why it cannot (OFT, GLoRA, Tucker LoHa/LoKr, an incomplete adapter, DoRA without the base
+weight). Invariant: files are read with safetensors only; nothing here decides a verdict.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,39 +20,151 @@ from typing import Any
 import torch
 
 from .errors import LoraFileError
+from .lora_keys import KeyInfo, is_text_encoder, parse_key
 from .safeio import read_safetensors
 from .sdxl_names import sai_to_diffusers
-from .targets import role_of
 
-TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "lora_te1", "lora_te2")
-_DOWN = re.compile(r"^(?P<mod>.+?)\.(?:lora_down|lora\.down|lora_A(?:\.[A-Za-z0-9_-]+)?)\.weight$")
-_UP = re.compile(r"^(?P<mod>.+?)\.(?:lora_up|lora\.up|lora_B(?:\.[A-Za-z0-9_-]+)?)\.weight$")
-_ATTN_PROC = re.compile(r"^(?P<path>.+)\.processor\.(?P<proj>to_[a-z]+)_lora\.(?P<which>down|up)\.weight$")
-_LYCORIS = re.compile(r"^(?P<mod>.+?)\.(?P<part>hada_w[12]_[ab]|lokr_w[12](?:_[ab])?|diff|lokr_t[12]|hada_t[12])$")
-_STRIP_PREFIXES = ("base_model.model.", "unet.", "model.diffusion_model.", "diffusion_model.", "transformer.")
-
+_LAYOUT_ORDER = ("kohya", "diffusers-old", "diffusers", "peft", "lycoris")
+_LAYOUT_NAMES = {"diffusers-old": "diffusers"}
+_UNMEASURABLE = {
+    "oft_blocks": "OFT rotation", "oft_diag": "OFT rotation", "oft_R": "BOFT rotation",
+    "a1": "GLoRA", "a2": "GLoRA", "b1": "GLoRA", "b2": "GLoRA",
+    "hada_t1": "Tucker-decomposed LoHa", "hada_t2": "Tucker-decomposed LoHa",
+    "lokr_t1": "Tucker-decomposed LoKr", "lokr_t2": "Tucker-decomposed LoKr",
+    "w_norm": "a norm-layer change", "b_norm": "a norm-layer change",
+}
 
 
 @dataclass
-class LoraLayer:
-    """One adapted layer: its delta in float64, the file's name for it and where that name came from."""
+class Adapter:
+    """The factors of one layer in one spelling: part -> tensor (and part -> the file's key)."""
 
-    name: str
-    kind: str  # lora | loha | lokr | full
-    delta: torch.Tensor  # [out, in], scale applied
-    scale: float
-    scale_known: bool
+    module: str
+    spelling: str
+    path: str  # the file's own module path (dotted or kohya), for PEFT's rank/alpha patterns
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Formed:
+    """An adapter's effect: ``delta`` [out, in] float64 with scale applied, or None and the ``reason``."""
+
+    delta: torch.Tensor | None
+    kind: str
+    reason: str = ""
+    scale_known: bool = True
 
 
 @dataclass
 class LoraFile:
     path: Path
     layout: str
-    layers: list[LoraLayer]
+    adapters: list[Adapter]
+    aux: dict[str, dict[str, torch.Tensor]]  # module -> alpha / dora_scale / magnitude / rescale / scalar
+    unknown: list[str]  # keys no loader convention explains
     metadata: dict[str, str]
+    peft: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
-    text_encoder_layers: int = 0
-    other_layers: int = 0  # adapted layers that do not read the text embeddings (not measured)
+
+    def modules(self) -> list[str]:
+        return sorted({a.module for a in self.adapters} | set(self.aux))
+
+    @property
+    def text_encoder_modules(self) -> list[str]:
+        return [m for m in self.modules() if is_text_encoder(m)]
+
+
+def layout_of(keys: list[str]) -> str:
+    """The file's dominant spelling: kohya, diffusers, peft, lycoris, or unknown."""
+    found = {info.spelling for k in keys if (info := parse_key(k)) is not None}
+    for name in _LAYOUT_ORDER:
+        if name in found:
+            return _LAYOUT_NAMES.get(name, name)
+    return "unknown"
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Every tensor of a LoRA file, grouped by layer. Raises ``SafetensorsFileError``/``LoraFileError``."""
+    path = Path(path)
+    tensors, metadata = read_safetensors(path)
+    adapters: dict[tuple[str, str], Adapter] = {}
+    aux: dict[str, dict[str, torch.Tensor]] = {}
+    aux_keys: dict[tuple[str, str], str] = {}
+    unknown: list[str] = []
+    infos: list[KeyInfo] = []
+    for key in sorted(tensors):
+        info = parse_key(key)
+        if info is None:
+            unknown.append(key)
+            continue
+        infos.append(info)
+        if info.auxiliary:
+            seen = aux_keys.setdefault((info.module, info.part), key)
+            if seen != key:  # two spellings of one setting: which one a loader takes is not knowable
+                unknown.append(key)
+                continue
+            aux.setdefault(info.module, {})[info.part] = tensors[key]
+            continue
+        adapter = adapters.setdefault((info.module, info.spelling),
+                                      Adapter(info.module, info.spelling, _own_path(key)))
+        if info.part in adapter.parts:
+            unknown.append(key)
+            continue
+        adapter.parts[info.part] = tensors[key]
+        adapter.keys[info.part] = key
+    if not adapters and not aux:
+        raise LoraFileError(f"{path}: no LoRA layers found (expected lora_down/lora_up, lora_A/lora_B or LyCORIS "
+                            f"keys among {len(tensors)} tensors)")
+    layout = layout_of([i.key for i in infos])
+    peft = _peft_config(path, metadata) if layout in ("peft", "diffusers") else None
+    return LoraFile(path, layout, sorted(adapters.values(), key=lambda a: (a.module, a.spelling)), aux, unknown,
+                    metadata, peft)
+
+
+def _own_path(key: str) -> str:
+    for marker in (".lora_A", ".lora_B", ".lora_down", ".lora_up", ".lora.", ".processor.", "_lora."):
+        if marker in key:
+            return key.split(marker)[0]
+    return key.rsplit(".", 1)[0]
+
+
+def _peft_config(path: Path, metadata: dict[str, str]) -> dict[str, Any] | None:
+    """LoRA alpha/rank settings from a PEFT adapter_config.json beside the file or diffusers' metadata."""
+    texts = []
+    beside = path.parent / "adapter_config.json"
+    if beside.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):  # unreadable side file: as if absent
+            texts.append(beside.read_text(encoding="utf-8")[:1_000_000])
+    if "lora_adapter_metadata" in metadata:
+        texts.append(metadata["lora_adapter_metadata"][:1_000_000])
+    for text in texts:
+        try:
+            config = json.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(config, dict) and _positive(config.get("lora_alpha")) is not None:
+            return config
+    return None
+
+
+def _positive(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        v = float(value)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _pattern_value(patterns: Any, name: str, default: Any) -> Any:
+    if not isinstance(patterns, dict):
+        return default
+    for pattern, value in patterns.items():
+        if isinstance(pattern, str) and (name.endswith("." + pattern) or name == pattern):
+            return value
+    return default
 
 
 def _matrix(t: torch.Tensor, key: str, path: Path) -> torch.Tensor:
@@ -64,154 +178,129 @@ def _matrix(t: torch.Tensor, key: str, path: Path) -> torch.Tensor:
     return t
 
 
-def _peft_alpha(path: Path, metadata: dict[str, str]) -> dict[str, Any] | None:
-    """LoRA alpha/rank settings from a PEFT adapter_config.json beside the file or diffusers' metadata."""
-    config = None
-    beside = path.parent / "adapter_config.json"
-    if beside.is_file():
-        try:
-            config = json.loads(beside.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = None
-    if config is None and "lora_adapter_metadata" in metadata:
-        try:
-            config = json.loads(metadata["lora_adapter_metadata"])
-        except ValueError:
-            config = None
-    if not isinstance(config, dict) or "lora_alpha" not in config:
-        return None
-    return config
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.search(rf"(^|\.){re.escape(pattern)}$", name) or re.fullmatch(pattern, name):
-            return value
-    return default
-
-
-def layout_of(keys: list[str]) -> str:
-    if any(k.startswith("lora_") and ".lora_down." in k for k in keys):
-        return "kohya"
-    if any(_LYCORIS.match(k) for k in keys):
-        return "lycoris"
-    if any(".lora.down." in k or ".processor." in k for k in keys) or any(k.startswith("unet.") for k in keys):
-        return "diffusers"
-    if any(".lora_A." in k for k in keys):
-        return "peft"
-    return "unknown"
-
-
-def read_lora(path: str | Path) -> LoraFile:
-    """Every adapted layer of a LoRA file, with its delta. Raises ``SafetensorsFileError``/``LoraFileError``."""
-    path = Path(path)
-    tensors, metadata = read_safetensors(path)
-    keys = sorted(tensors)
-    layout = layout_of(keys)
-    downs, ups, alphas, lyco = {}, {}, {}, {}
-    for k in keys:
-        m = _ATTN_PROC.match(k)
-        if m:
-            proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
-            (downs if m["which"] == "down" else ups)[f"{m['path']}.{proj}"] = k
-            continue
-        if (m := _DOWN.match(k)):
-            downs[m["mod"]] = k
-        elif (m := _UP.match(k)):
-            ups[m["mod"]] = k
-        elif k.endswith(".alpha"):
-            alphas[k[:-len(".alpha")]] = k
-        elif (m := _LYCORIS.match(k)):
-            lyco.setdefault(m["mod"], {})[m["part"]] = k
-    notes: list[str] = []
-    peft = _peft_alpha(path, metadata) if layout in ("peft", "diffusers") else None
-    layers: list[LoraLayer] = []
-    te_layers = other_layers = 0
-    names = sorted(set(downs) | set(ups) | set(lyco))
-    if not names:
-        raise LoraFileError(f"{path}: no LoRA layers found (expected lora_down/lora_up, lora_A/lora_B or "
-                         f"LyCORIS keys among {len(keys)} tensors)")
-    wanted = set()
-    for mod in names:  # only layers that read the text embeddings are formed; the rest are counted
-        if mod.startswith(TEXT_ENCODER_PREFIXES):
-            te_layers += 1
-        elif role_of(layer_key(mod)) is None:
-            other_layers += 1
-        else:
-            wanted.add(mod)
-    for mod in sorted(wanted & (set(downs) | set(ups))):
-        if mod not in downs or mod not in ups:
-            raise LoraFileError(f"{path}: layer {mod!r} has a LoRA {'down' if mod in downs else 'up'} "
-                             f"factor but no {'up' if mod in downs else 'down'} factor")
-        down, up = _matrix(tensors[downs[mod]], downs[mod], path), _matrix(tensors[ups[mod]], ups[mod], path)
-        if up.shape[1] != down.shape[0]:
-            raise LoraFileError(f"{path}: layer {mod!r}: up {list(up.shape)} and down {list(down.shape)} do not chain")
-        rank = down.shape[0]
-        scale, known = 1.0, False
-        if mod in alphas:
-            alpha = _alpha(tensors[alphas[mod]], alphas[mod], path)
-            scale, known = (alpha / rank if alpha != 0 else 1.0), True
-        elif peft is not None:
-            name = _strip(mod)
-            r = int(_pattern_value(peft.get("rank_pattern"), name, peft.get("r", rank)))
-            alpha = float(_pattern_value(peft.get("alpha_pattern"), name, peft["lora_alpha"]))
-            scale = alpha / (math.sqrt(r) if peft.get("use_rslora") else r)
-            known = True
-        if f"{mod}.dora_scale" in tensors or f"{mod}.lora_magnitude_vector" in tensors:
-            notes.append(f"{mod}: DoRA magnitude rescaling is not included in its delta")
-        layers.append(LoraLayer(mod, "lora", scale * (up @ down), scale, known))
-    for mod, parts in sorted(lyco.items()):
-        if mod in wanted:
-            layers.append(_lycoris_layer(path, mod, parts, tensors, alphas))
-    if any(not layer.scale_known for layer in layers):
-        notes.append("alpha not recorded for some layers: their scale is taken as 1 (shares are unaffected)")
-    return LoraFile(path, layout, layers, metadata, notes, te_layers, other_layers)
-
-
-def _alpha(t: torch.Tensor, key: str, path: Path) -> float:
+def _scalar(t: torch.Tensor, key: str, path: Path) -> float:
     if t.numel() != 1 or not torch.isfinite(t.double()).all():
-        raise LoraFileError(f"{path}: tensor {key!r} must hold one finite alpha value, got shape {list(t.shape)}")
+        raise LoraFileError(f"{path}: tensor {key!r} must hold one finite value, got shape {list(t.shape)}")
     return float(t.double().reshape(-1)[0])
 
 
-def _lycoris_layer(path: Path, mod: str, parts: dict[str, str], tensors: dict, alphas: dict) -> LoraLayer:
-    get = lambda p: _matrix(tensors[parts[p]], parts[p], path)  # noqa: E731
-    alpha = _alpha(tensors[alphas[mod]], alphas[mod], path) if mod in alphas else None
-    if "diff" in parts:
-        return LoraLayer(mod, "full", get("diff"), 1.0, True)
-    if any(p.endswith(("_t1", "_t2")) for p in parts):
-        raise LoraFileError(f"{path}: layer {mod!r} is a Tucker-decomposed LyCORIS layer, which this audit cannot read")
-    if "hada_w1_a" in parts:
-        if not {"hada_w1_b", "hada_w2_a", "hada_w2_b"} <= set(parts):
-            raise LoraFileError(f"{path}: LoHa layer {mod!r} lacks some of hada_w1_a/b, hada_w2_a/b")
-        rank = get("hada_w1_b").shape[0]
-        scale = alpha / rank if alpha else 1.0
-        delta = (get("hada_w1_a") @ get("hada_w1_b")) * (get("hada_w2_a") @ get("hada_w2_b")) * scale
-        return LoraLayer(mod, "loha", delta, scale, alpha is not None)
-    w1 = get("lokr_w1") if "lokr_w1" in parts else (get("lokr_w1_a") @ get("lokr_w1_b")
-                                                      if {"lokr_w1_a", "lokr_w1_b"} <= set(parts) else None)
-    w2 = get("lokr_w2") if "lokr_w2" in parts else (get("lokr_w2_a") @ get("lokr_w2_b")
-                                                      if {"lokr_w2_a", "lokr_w2_b"} <= set(parts) else None)
-    if w1 is None or w2 is None:
-        raise LoraFileError(f"{path}: LoKr layer {mod!r} lacks its w1 or w2 factor")
-    rank = get("lokr_w2_b").shape[0] if "lokr_w2_b" in parts else (
-        get("lokr_w1_b").shape[0] if "lokr_w1_b" in parts else None)
-    scale = alpha / rank if (alpha and rank) else 1.0
-    return LoraLayer(mod, "lokr", torch.kron(w1, w2) * scale, scale, alpha is not None or rank is None)
+def _scale(lora: LoraFile, adapter: Adapter, rank: int) -> tuple[float, bool]:
+    """alpha / rank from the layer's alpha tensor, else PEFT's config (rslora: / sqrt(rank)), else 1."""
+    alpha_t = lora.aux.get(adapter.module, {}).get("alpha")
+    if alpha_t is not None:
+        alpha = _scalar(alpha_t, f"{adapter.module}.alpha", lora.path)
+        return (alpha / rank if alpha != 0 else 1.0), True
+    if lora.peft is not None and adapter.spelling in ("peft", "diffusers", "diffusers-old"):
+        name = _strip_prefixes(adapter.path)
+        r = _positive(_pattern_value(lora.peft.get("rank_pattern"), name, lora.peft.get("r", rank))) or rank
+        alpha = _positive(_pattern_value(lora.peft.get("alpha_pattern"), name, lora.peft["lora_alpha"]))
+        if alpha is not None:
+            return alpha / (math.sqrt(r) if lora.peft.get("use_rslora") is True else r), True
+    return 1.0, False
 
 
-def _strip(name: str) -> str:
-    for p in _STRIP_PREFIXES:
+def _strip_prefixes(name: str) -> str:
+    for p in ("base_model.model.", "unet.", "transformer."):
         if name.startswith(p):
-            return name[len(p):]
+            name = name[len(p):]
     return name
+
+
+def effective_delta(lora: LoraFile, adapter: Adapter, w0: torch.Tensor | None) -> Formed:
+    """``W' - W0`` of one adapter, the way kohya/LyCORIS/ComfyUI/PEFT apply it (multiplier 1)."""
+    parts, path = adapter.parts, lora.path
+    get = lambda p: _matrix(parts[p], adapter.keys[p], path)  # noqa: E731
+    blocked = sorted({why for p, why in _UNMEASURABLE.items() if p in parts})
+    if blocked:
+        return Formed(None, blocked[0].split()[0].lower(), f"{', '.join(blocked)}: formula not implemented")
+    names = set(parts)
+    if {"down", "up"} <= names:
+        down, up = get("down"), get("up")
+        if "mid" in names:
+            mid = get("mid")
+            if mid.shape != (up.shape[1], down.shape[0]):
+                raise LoraFileError(f"{path}: layer {adapter.module!r}: lora_mid {list(mid.shape)} does not chain")
+            down = mid @ down
+        if up.shape[1] != down.shape[0]:
+            raise LoraFileError(f"{path}: layer {adapter.module!r}: up {list(up.shape)} and down "
+                                f"{list(down.shape)} do not chain")
+        scale, known = _scale(lora, adapter, int(parts["down"].shape[0]))
+        delta, kind = scale * (up @ down), "lora"
+    elif {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= names:
+        scale, known = _scale(lora, adapter, int(parts["hada_w1_b"].shape[0]))
+        w1, w2 = get("hada_w1_a") @ get("hada_w1_b"), get("hada_w2_a") @ get("hada_w2_b")
+        if w1.shape != w2.shape:
+            raise LoraFileError(f"{path}: LoHa layer {adapter.module!r}: factors {list(w1.shape)} and "
+                                f"{list(w2.shape)} differ")
+        delta, kind = w1 * w2 * scale, "loha"
+    elif names & {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}:
+        delta, kind, scale, known = _lokr(lora, adapter, get)
+        if delta is None:
+            return Formed(None, "lokr", "LoKr layer lacks its w1 or w2 factor")
+    elif "diff" in names:
+        delta, kind, known = get("diff"), "full", True
+    elif names <= {"diff_b", "up_bias"}:
+        return Formed(None, "bias", "changes only the bias, which does not read the text states")
+    else:
+        return Formed(None, "incomplete", f"incomplete adapter (only {', '.join(sorted(names))})")
+    extra = lora.aux.get(adapter.module, {})
+    if "scalar" in extra:
+        delta = delta * _scalar(extra["scalar"], f"{adapter.module}.scalar", path)
+    if "dora_scale" in extra or "magnitude" in extra:
+        return _dora(lora, adapter, delta, w0, kind, known)
+    return Formed(delta, kind, scale_known=known)
+
+
+def _lokr(lora: LoraFile, adapter: Adapter, get) -> tuple[torch.Tensor | None, str, float, bool]:
+    names = set(adapter.parts)
+    w1 = get("lokr_w1") if "lokr_w1" in names else (
+        get("lokr_w1_a") @ get("lokr_w1_b") if {"lokr_w1_a", "lokr_w1_b"} <= names else None)
+    w2 = get("lokr_w2") if "lokr_w2" in names else (
+        get("lokr_w2_a") @ get("lokr_w2_b") if {"lokr_w2_a", "lokr_w2_b"} <= names else None)
+    if w1 is None or w2 is None:
+        return None, "lokr", 1.0, False
+    rank_part = "lokr_w2_b" if "lokr_w2_b" in names else ("lokr_w1_b" if "lokr_w1_b" in names else None)
+    if rank_part is None:  # full factors: LyCORIS applies alpha only to decomposed ones
+        return torch.kron(w1, w2), "lokr", 1.0, True
+    scale, known = _scale(lora, adapter, int(adapter.parts[rank_part].shape[0]))
+    return torch.kron(w1, w2) * scale, "lokr", scale, known
+
+
+def _dora(lora: LoraFile, adapter: Adapter, delta: torch.Tensor, w0: torch.Tensor | None, kind: str,
+          known: bool) -> Formed:
+    """DoRA: ``W' = m * (W0 + dW) / ||W0 + dW||`` (norm per output row, or per input column for LyCORIS's
+    ``dora_scale`` of shape [1, in]); the change is ``W' - W0``, which moves ``W0 c`` itself."""
+    if w0 is None:
+        return Formed(None, "dora", "DoRA rescales the base weight: measurable only with --base")
+    if w0.shape != delta.shape:
+        return Formed(None, "dora", f"delta {list(delta.shape)} does not match the base weight {list(w0.shape)}")
+    extra = lora.aux[adapter.module]
+    merged = w0 + delta
+    if "magnitude" in extra:
+        m = extra["magnitude"].detach().double().reshape(-1)
+        if m.numel() != merged.shape[0]:
+            return Formed(None, "dora", f"magnitude vector of {m.numel()} values for {merged.shape[0]} rows")
+        scaled = m[:, None] * merged / merged.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    else:
+        m = extra["dora_scale"].detach().double()
+        if m.numel() == merged.shape[0] and (m.ndim < 2 or m.shape[0] == merged.shape[0]):
+            scaled = m.reshape(-1, 1) * merged / merged.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        elif m.numel() == merged.shape[1]:
+            scaled = m.reshape(1, -1) * merged / merged.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        else:
+            return Formed(None, "dora", f"dora_scale {list(m.shape)} fits neither side of {list(merged.shape)}")
+    if not torch.isfinite(scaled).all():
+        return Formed(None, "dora", "DoRA magnitude holds NaN or infinite values")
+    return Formed(scaled - w0, f"dora-{kind}", scale_known=known)
 
 
 def layer_key(name: str) -> str:
     """A file's layer name as kohya spells it (``lora_unet_`` + path with '_')."""
+    from .lora_keys import module_key
+
     if name.startswith("lora_"):
         return name
-    return "lora_unet_" + _strip(name).replace(".", "_")
+    return module_key(name) or name
 
 
 def sgm_to_diffusers(key: str, layers_per_block: int) -> str:
@@ -220,3 +309,4 @@ def sgm_to_diffusers(key: str, layers_per_block: int) -> str:
     if not key.startswith("lora_unet_"):
         return key
     return "lora_unet_" + sai_to_diffusers(key[len("lora_unet_"):], layers_per_block, sep="_")
+

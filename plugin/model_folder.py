@@ -1,6 +1,7 @@
 """The text side of a diffusers model folder or hub id: tokenizer(s) and frozen text encoder(s), SDXL's two.
 
-Invariant: with ``local_files_only`` nothing is downloaded and a hub id is refused; any loader failure
+Invariant: with ``local_files_only`` nothing is downloaded and a hub id is refused; encoder weights are
+read from safetensors only (``use_safetensors=True``: a ``.bin`` is never unpickled); any loader failure
 becomes one ``ModelFolderError`` line that names the source and the first line of its cause.
 """
 
@@ -33,12 +34,13 @@ def load_text_encoders(source: str | Path, local_files_only: bool = True) -> tup
     source = str(source)
     dual = _has_second_encoder(source, local_files_only)
     kwargs = {"local_files_only": local_files_only}
+    weights = {**kwargs, "use_safetensors": True}
     try:
         toks = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
-        encs = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)]
+        encs = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)]
         if dual:
             toks.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs))
-            encs.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs))
+            encs.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **weights))
     except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelFolderError(f"{source}: cannot load tokenizer/text_encoder ({first})") from None

@@ -1,8 +1,11 @@
 """Reading and writing files safely: safetensors only, validated before use, written atomically.
 
 Invariants: nothing here unpickles; a file is only ever visible under its final name complete
-(written to a temporary name in the same folder, flushed, then renamed); a malformed file
-raises ``SafetensorsFileError`` with one line naming the file and the fault.
+(written to a temporary name in the same folder, flushed, then renamed) with the mode a plain
+``open`` would give it (0666 less the umask, e.g. 0644), not ``mkstemp``'s 0600; a malformed file
+raises ``SafetensorsFileError`` with one line naming the file and the fault. ``read_header`` is the
+one reader of headers (``inspect``, ``audit``, loading): it accepts exactly what the safetensors
+library accepts (no duplicate keys, tensors packed back to back over the whole data section).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from .errors import SafetensorsFileError
 
 MAX_HEADER_BYTES = 100_000_000
+MAX_DIM = 2 ** 40  # no real tensor has a dimension this large; larger ones overflow torch's storage maths
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _DTYPES = set(_DTYPE_BYTES)
@@ -38,9 +42,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (else set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -77,9 +93,10 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     except OSError as exc:
         raise SafetensorsFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsFileError(f"{path}: header is not valid JSON ({exc.__class__.__name__})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
+        reason = str(exc) if isinstance(exc, _DuplicateKey) else exc.__class__.__name__
+        raise SafetensorsFileError(f"{path}: header is not valid JSON ({reason})") from None
     if not isinstance(header, dict):
         raise SafetensorsFileError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -89,20 +106,49 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
         if not isinstance(v, str):
             raise SafetensorsFileError(f"{path}: metadata value of {k!r} is not a string")
     data_len = size - 8 - n
+    spans = []
     for name, entry in header.items():
         if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES \
                 or not isinstance(entry.get("shape"), list) or not isinstance(entry.get("data_offsets"), list) \
                 or len(entry["data_offsets"]) != 2:
             raise SafetensorsFileError(f"{path}: tensor {name!r} has a malformed header entry")
         begin, end = entry["data_offsets"]
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+        if not (_is_int(begin) and _is_int(end) and 0 <= begin <= end <= data_len):
             raise SafetensorsFileError(f"{path}: tensor {name!r} lies outside the file's data")
         shape = entry["shape"]
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
+        if len(shape) > 8 or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+            raise SafetensorsFileError(f"{path}: tensor {name!r} has an impossible shape {str(shape)[:80]}")
+        if math.prod(max(d, 1) for d in shape) > MAX_DIM \
                 or math.prod(shape) * _DTYPE_BYTES[entry["dtype"]] != end - begin:
             raise SafetensorsFileError(f"{path}: tensor {name!r} has shape {shape} {entry['dtype']} but "
                                        f"{end - begin} bytes of data")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise SafetensorsFileError(f"{path}: tensor {name!r} {'overlaps another' if begin < position else 'leaves a gap'}"
+                                       f" in the data (offset {begin}, expected {position})")
+        position = end
+    if position != data_len:
+        raise SafetensorsFileError(f"{path}: the tensors cover {position} of the {data_len} data bytes")
     return header, metadata
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice (safetensors refuses such a header)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key {key[:80]!r}")
+        out[key] = value
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -16,7 +16,7 @@ import torch
 
 from concept_exclusion import ConceptSubspace
 from concept_exclusion.audit import audit_file
-from concept_exclusion.lora_file import layer_key, read_lora, sgm_to_diffusers
+from concept_exclusion.lora_file import effective_delta, layer_key, read_lora, sgm_to_diffusers
 from concept_exclusion.cli import main as cli_main
 from concept_exclusion.metadata import PREFIX, read_basis, subspace_metadata
 from concept_exclusion.safeio import write_safetensors
@@ -95,7 +95,8 @@ def test_three_layouts_read_alike_and_a_plain_lora_is_flagged(sd, peft_state, pr
         rc, out, _ = _run(capsys, "audit", path, "--preset", preset_file, "--base", sd.root, "--json")
         assert rc == 1
         reports[layout] = json.loads(out)
-        assert reports[layout]["basis_source"].startswith("recomputed")
+        assert reports[layout]["verified"] and reports[layout]["verdict"] == "FLAGGED"
+        assert reports[layout]["clip_skips"] == [1, 2]  # SD1 without --clip-skip: both plausible values
     shares = {layout: {layer_key(r["name"]): r["share"] for r in rep["layers"]} for layout, rep in reports.items()}
     assert shares["peft"].keys() == shares["kohya"].keys() == shares["diffusers"].keys()
     for key, value in shares["peft"].items():
@@ -115,9 +116,13 @@ def test_projected_lora_passes_in_every_layout(sd, peft_state, preset_file, tmp_
     files = _write_layouts(tmp_path, _project_kv(peft_state, basis))
     for layout, path in files.items():
         rc, out, _ = _run(capsys, "audit", path, "--preset", preset_file, "--base", sd.root, "--targets", "kv")
+        # trained against clip_skip 1 (the last layer): the clip_skip 2 basis differs, and unknown means both count
+        assert rc == 1 and "clip_skip 1: max " in out and "audit again with --clip-skip 1" in out, out
+        rc, out, _ = _run(capsys, "audit", path, "--preset", preset_file, "--base", sd.root, "--targets", "kv",
+                          "--clip-skip", "1")
         assert rc == 0, out
-        assert "PASS" in out and "recomputed" in out
-        report = audit_file(path, preset_path=str(preset_file), base=str(sd.root), targets="kv")
+        assert "\nPASS: " in out and "sha256 " in out and str(sd.root) in out
+        report = audit_file(path, preset_path=str(preset_file), base=str(sd.root), targets="kv", clip_skip=1)
         kv = [r for r in report.layers if r.role in ("key", "value")]
         assert len(kv) == 8 and max(r.share for r in kv) < 1e-6
         # the basis keeps 99% of the concept rows' energy, so ~10% of their norm lies outside it
@@ -126,17 +131,19 @@ def test_projected_lora_passes_in_every_layout(sd, peft_state, preset_file, tmp_
         # the unconstrained query/output layers are measured but not checked under 'kv'
         assert any(r.role == "query" and r.share > 0.1 and not r.checked for r in report.layers)
     rc, _, _ = _run(capsys, "audit", files["kohya"], "--preset", preset_file, "--base", sd.root,
-                    "--targets", "attention")
+                    "--targets", "attention", "--clip-skip", "1")
     assert rc == 1
     plain = _write_layouts(tmp_path / "plain", peft_state)["kohya"]
-    plain_change = [r.concept_change for r in audit_file(plain, preset_path=str(preset_file), base=str(sd.root)).layers
+    plain_change = [r.concept_change for r in audit_file(plain, preset_path=str(preset_file), base=str(sd.root),
+                                                         targets="kv").layers
                     if r.role in ("key", "value")]
     print(f"||dW c||/||W0 c|| per k/v layer: plain {[round(c, 3) for c in plain_change]}, "
           f"projected {[round(c, 3) for c in clean_change]}")
     assert sum(clean_change) < 0.5 * sum(plain_change)
 
 
-def test_embedded_basis_is_used_without_base(sd, peft_state, tmp_path, capsys):
+def test_without_base_the_verdict_is_unverified(sd, peft_state, preset_file, tmp_path, capsys):
+    """The basis a file embeds is a claim: shown and compared, never a PASS (exit 3 without --base)."""
     subspace = ConceptSubspace.from_text_encoder(make_preset(max_rank=8), sd.tokenizer, sd.text_encoder)
     from diffusers.utils import convert_state_dict_to_kohya
 
@@ -146,17 +153,25 @@ def test_embedded_basis_is_used_without_base(sd, peft_state, tmp_path, capsys):
     write_safetensors(tmp_path / "clean.safetensors", clean, meta)
     write_safetensors(tmp_path / "dirty.safetensors", dirty, meta)
     rc, out, _ = _run(capsys, "audit", tmp_path / "clean.safetensors")
-    assert rc == 0 and "taken from the file" in out
+    assert rc == 3 and "\nUNVERIFIED: " in out and "ok (claim)" in out and "PASS" not in out
+    rc, out, _ = _run(capsys, "audit", tmp_path / "clean.safetensors", "--preset", preset_file)
+    assert rc == 3 and "the file claims the trusted preset (same sha256)" in out
     rc, out, _ = _run(capsys, "audit", tmp_path / "dirty.safetensors", "--json")
     report = json.loads(out)
-    assert rc == 1 and report["basis_source"] == "taken from the file" and report["ranks"] == {"context": subspace.rank()}
-    # with --base the preset embedded in the file is recomputed and compared with the embedded basis
-    rc, out, _ = _run(capsys, "audit", tmp_path / "clean.safetensors", "--base", sd.root)
-    assert rc == 0 and "recomputed" in out and "lies outside the recomputed span" in out
-    # a file with neither a basis nor --base cannot be audited
+    assert rc == 3 and report["verdict"] == "UNVERIFIED" and not report["verified"] and report["flagged"] == []
+    assert any(r["over"] for r in report["layers"])  # over the claimed basis: shown, decides nothing
+    assert report["claims"]["basis.context"] == f"32x{subspace.rank()}"
+    # with --base and --preset the trusted basis decides, and the claimed one is compared with it
+    rc, out, _ = _run(capsys, "audit", tmp_path / "clean.safetensors", "--base", sd.root, "--preset", preset_file,
+                      "--targets", "kv", "--clip-skip", "1")
+    assert rc == 0 and "lies outside the trusted span" in out
+    # --base without --preset would verify the file's own embedded preset: refused in one line
+    rc, out, err = _run(capsys, "audit", tmp_path / "clean.safetensors", "--base", sd.root)
+    assert rc == 2 and "--preset" in err and len(err.strip().splitlines()) == 1
+    # a file with neither a basis nor --base: unverified, nothing measured
     write_safetensors(tmp_path / "bare.safetensors", dirty, {})
     rc, out, err = _run(capsys, "audit", tmp_path / "bare.safetensors")
-    assert rc == 2 and "--base" in err and len(err.strip().splitlines()) == 1
+    assert rc == 3 and "nothing could be measured" in out
 
 
 def test_inspect_prints_provenance_readably(sd, tmp_path, capsys):
@@ -312,10 +327,11 @@ def test_lycoris_factorisations_form_their_delta(tmp_path):
     path = tmp_path / "lycoris.safetensors"
     write_safetensors(path, tensors, {})
     lora = read_lora(path)
-    layers = {layer.name.rsplit("_", 1)[-1]: layer for layer in lora.layers}
-    assert lora.layout == "kohya" and len(layers) == 3
-    assert lora.text_encoder_layers == 1 and lora.other_layers == 1
+    formed = {a.module.rsplit("_", 1)[-1]: effective_delta(lora, a, None) for a in lora.adapters
+              if "attn2" in a.module}
+    assert lora.layout == "kohya" and len(formed) == 3 and not lora.unknown
+    assert len(lora.text_encoder_modules) == 1 and len(lora.modules()) == 5
     expected = {"k": (a1 @ b1) * (a2 @ b2) * (2.0 / r), "v": torch.kron(k1, k2a @ k2b) * (1.0 / r), "q": full}
     for key, delta in expected.items():
-        assert torch.allclose(layers[key].delta, delta.double(), rtol=1e-6, atol=1e-6), key
-    assert layers["k"].kind == "loha" and layers["v"].kind == "lokr" and layers["q"].kind == "full"
+        assert torch.allclose(formed[key].delta, delta.double(), rtol=1e-6, atol=1e-6), key
+    assert formed["k"].kind == "loha" and formed["v"].kind == "lokr" and formed["q"].kind == "full"

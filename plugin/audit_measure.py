@@ -1,0 +1,180 @@
+"""Measuring what a LoRA file changes on each model layer against a concept basis.
+
+For a layer that reads the text states (``attn2.to_k``/``to_v``, SDXL's pooled path) the share is
+``||dW U|| / ||dW||``; for ``attn2.to_q``/``to_out.0`` it is measured against the per-head spans of
+the base key/value weights. ``dW`` is the *effective* change: the sum of every adapter the file holds
+for the layer (a loader that applies them all applies the sum), and each adapter alone; the worst
+share counts. Invariant: a text-reading layer whose change cannot be formed or measured gets a
+``blocking`` reason, never a share of 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .audit_base import BaseModel
+from .audit_report import LayerReport
+from .embeddings import CONTEXT, POOLED
+from .lora_file import LoraFile, effective_delta
+from .lora_keys import ATTENTION_ROLES, is_dit, is_text_encoder, reads_text, role
+from .targets import head_basis
+
+Bases = dict[str, torch.Tensor]  # space -> orthonormal basis [d, r]
+
+
+def _norm(x: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(x)) if x.numel() else 0.0
+
+
+def _ratio(part: torch.Tensor, whole: torch.Tensor) -> float:
+    den = _norm(whole)
+    return _norm(part) / den if den > 0 else 0.0
+
+
+def _weight(base: BaseModel | None, module: str) -> tuple[torch.Tensor | None, bool]:
+    """(the base weight of a Linear layer, whether the layer exists in the base model)."""
+    if base is None:
+        return None, False
+    m = base.module(module)
+    if m is None:
+        return None, False
+    w = getattr(m, "weight", None)
+    return (w.detach().double() if isinstance(m, torch.nn.Linear) and w is not None else None), True
+
+
+def _share(role_name: str, dw: torch.Tensor, bases: Bases, attn: torch.nn.Module | None) -> tuple[float | None, str]:
+    """(share of ``dw`` on the constraint of its role, or None and why not)."""
+    context = bases.get(CONTEXT)
+    if role_name in ("key", "value"):
+        if context is None or dw.shape[1] != context.shape[0]:
+            width = "none" if context is None else context.shape[0]
+            return None, f"reads {dw.shape[1]}-d text states but the basis is {width}-d (a LoRA for another model?)"
+        return _ratio(dw @ context, dw), ""
+    if role_name == "pooled":
+        u = bases.get(POOLED)
+        if u is None:
+            return None, "no pooled basis (the base model has no pooled text path)"
+        if dw.shape[1] < u.shape[0]:
+            return None, f"has {dw.shape[1]} inputs, fewer than the {u.shape[0]}-d pooled basis"
+        return _ratio(dw[:, :u.shape[0]] @ u, dw), ""
+    if attn is None or context is None:
+        return None, "needs the base model's attention module (per-head spans of its key/value weights)"
+    sibling = attn.to_k if role_name == "query" else attn.to_v
+    if sibling.weight.shape[1] != context.shape[0]:
+        return None, f"the base {role_name} reads {sibling.weight.shape[1]}-d states, the basis is {context.shape[0]}-d"
+    q = head_basis(sibling.weight, context, attn.heads)
+    if role_name == "query":
+        return (_ratio(q.T @ dw, dw), "") if dw.shape[0] == q.shape[0] else (None, "delta does not fit the heads")
+    return (_ratio(dw @ q, dw), "") if dw.shape[1] == q.shape[0] else (None, "delta does not fit the heads")
+
+
+def frozen_heads(attn: torch.nn.Module, role_name: str, context: torch.Tensor, rtol: float = 1e-6) -> int:
+    """How many heads of a query/out layer the constraint leaves no freedom (the basis spans the whole head)."""
+    w = (attn.to_k if role_name == "query" else attn.to_v).weight.detach().double()
+    dh = w.shape[0] // attn.heads
+    count = 0
+    for h in range(attn.heads):
+        s = torch.linalg.svdvals(w[h * dh:(h + 1) * dh] @ context)
+        if s.numel() and float(s.max()) > 0 and int((s > s.max() * rtol).sum()) >= dh:
+            count += 1
+    return count
+
+
+def _concept_change(role_name: str, dw: torch.Tensor, w0: torch.Tensor | None, rows: Bases) -> float | None:
+    if w0 is None or w0.shape != dw.shape:
+        return None
+    if role_name in ("key", "value") and CONTEXT in rows and rows[CONTEXT].shape[1] == dw.shape[1]:
+        c = rows[CONTEXT]
+        return _ratio(c @ dw.T, c @ w0.T)
+    if role_name == "pooled" and POOLED in rows and rows[POOLED].shape[1] <= dw.shape[1]:
+        c, k = rows[POOLED], rows[POOLED].shape[1]
+        return _ratio(c @ dw[:, :k].T, c @ w0[:, :k].T)
+    return None
+
+
+def measure_file(lora: LoraFile, base: BaseModel | None, spaces: list[tuple[Bases, Bases]],
+                 checked_roles: set[str]) -> list[LayerReport]:
+    """One report per module the file changes. ``spaces``: (bases, concept rows) per clip_skip checked;
+    ``checked_roles``: the query/out roles that count toward the verdict (text readers always count)."""
+    dit = is_dit(lora.modules())
+    by_module: dict[str, list] = {}
+    for adapter in lora.adapters:
+        by_module.setdefault(adapter.module, []).append(adapter)
+    reports = []
+    for module in lora.modules():
+        adapters = by_module.get(module, [])
+        if is_text_encoder(module):
+            reports.append(LayerReport(module, "text-encoder", [a.spelling for a in adapters],
+                                       note="a text-encoder layer: the concept's embeddings themselves may move"))
+            continue
+        role_name = role(module, dit)
+        reports.append(_measure_module(lora, module, role_name, adapters, base, spaces, checked_roles, dit))
+    return reports
+
+
+def _measure_module(lora: LoraFile, module: str, role_name: str | None, adapters: list, base: BaseModel | None,
+                    spaces: list[tuple[Bases, Bases]], checked_roles: set[str], dit: bool) -> LayerReport:
+    w0, found = _weight(base, module)
+    text = reads_text(role_name)
+    attention = role_name in ATTENTION_ROLES
+    report = LayerReport(module, role_name or "elsewhere", [], checked=text or (attention and role_name in checked_roles))
+    if base is not None and not found:
+        report.blocking = "no such layer in the base model: what it changes cannot be placed"
+        return report
+    if not adapters:
+        report.kinds = ["settings only"]
+        if text:
+            report.blocking = "holds settings (alpha, DoRA magnitude) but no factors: not understood"
+        return report
+    if not (text or attention):
+        report.kinds = sorted({a.spelling for a in adapters})
+        return report  # a layer that does not read the text states: listed, not measured
+    formed = [effective_delta(lora, a, w0) for a in adapters]
+    report.kinds = [f.kind for f in formed]
+    missing = [f.reason for f in formed if f.delta is None and f.kind != "bias"]
+    if len(adapters) > 1:
+        report.note = f"{len(adapters)} adapters in different spellings ({', '.join(a.spelling for a in adapters)}): " \
+                      f"their sum and each alone measured"
+    if missing:
+        if report.checked:
+            report.blocking = "; ".join(missing)
+        else:
+            report.note = "; ".join(missing)
+        return report
+    if dit and text:
+        report.blocking = "a Flux/SD3 text reader: re-encoding the preset with T5 is not supported, not measured"
+        return report
+    deltas = [f.delta for f in formed if f.delta is not None]
+    if not deltas:
+        report.note = "changes only biases"
+        return report
+    if len(deltas) > 1 and any(d.shape != deltas[0].shape for d in deltas):
+        report.blocking = "adapters of different shapes on one layer"
+        return report
+    candidates = ([sum(deltas)] if len(deltas) > 1 else []) + deltas
+    attn = base.module(module.rsplit("_to_", 1)[0]) if (attention and base is not None) else None
+    shares, changes, reasons = [], [], []
+    for bases, rows in spaces:
+        for dw in candidates:
+            share, why = _share(role_name, dw, bases, attn)
+            if share is None:
+                reasons.append(why)
+            else:
+                shares.append(share)
+            change = _concept_change(role_name, dw, w0, rows)
+            if change is not None:
+                changes.append(change)
+    if reasons:
+        if report.checked:
+            report.blocking = reasons[0]
+        else:
+            report.note = reasons[0]
+        return report
+    report.share = max(shares, default=None)
+    report.concept_change = max(changes, default=None)
+    if attention and attn is not None and spaces and CONTEXT in spaces[0][0]:
+        frozen = frozen_heads(attn, role_name, spaces[0][0][CONTEXT])
+        if frozen:
+            report.note = (report.note + "; " if report.note else "") + \
+                f"{frozen} of {attn.heads} heads frozen by the constraint (the basis spans the whole head)"
+    return report
