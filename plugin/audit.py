@@ -25,6 +25,7 @@ from .errors import AuditError
 from .lora_file import LoraFile, read_lora
 from .metadata import PREFIX, decode_basis
 from .preset import Preset, load_preset
+from .roles import roles_in
 from .subspace import ConceptSubspace
 
 DEFAULT_THRESHOLD = 0.01
@@ -107,7 +108,7 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
         raise AuditError(f"--base {base}: needs --preset PRESET (the preset a file embeds is a claim, not a "
                          f"trusted input)")
     sets = (targets,) if targets else (tuple(preset.projection.targets) if preset else ("kv",))
-    checked = {"query", "out"} if "attention" in sets else set()
+    checked = roles_in(sets)
     notes: list[str] = []
     base_model, skips, spaces = None, (), []
     if base is not None:

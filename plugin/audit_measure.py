@@ -1,8 +1,10 @@
 """Measuring what a LoRA file changes on each model layer against a concept basis.
 
-For a layer that reads the text states (``attn2.to_k``/``to_v``, SDXL's pooled path) the share is
-``||dW U|| / ||dW||``; for ``attn2.to_q``/``to_out.0`` it is measured against the per-head spans of
-the base key/value weights. ``dW`` is the *effective* change: the sum of every adapter the file holds
+Which layers read the text states, and what each is held against, is the role registry's
+(``roles.ROLES``): for an ``exact``/``padded`` row (``attn2.to_k``/``to_v``, SDXL's pooled path, Flux/SD3
+``context_embedder``/``txt_in`` and the pooled text embedder) the share is ``||dW U|| / ||dW||``; for a
+``heads`` row (``attn2.to_q``/``to_out.0``) it is measured against the per-head spans of the base
+sibling projection. ``dW`` is the *effective* change: the sum of every adapter the file holds
 for the layer (a loader that applies them all applies the sum), and each adapter alone; the worst
 share counts. Invariant: a text-reading layer whose change cannot be formed or measured gets a
 ``blocking`` reason, never a share of 0.
@@ -10,16 +12,20 @@ share counts. Invariant: a text-reading layer whose change cannot be formed or m
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .audit_base import BaseModel
 from .audit_report import LayerReport
 from .embeddings import CONTEXT, POOLED
 from .lora_file import LoraFile, effective_delta
-from .lora_keys import ATTENTION_ROLES, is_dit, is_text_encoder, reads_text, role
-from .targets import head_basis
+from .lora_keys import constrained_by_heads, is_dit, is_text_encoder, reads_text, role
+from .roles import ROLES, attention_path, head_basis
 
 Bases = dict[str, torch.Tensor]  # space -> orthonormal basis [d, r]
+_BFL_BLOCKS = re.compile(r"^lora_unet_(double_blocks|single_blocks|joint_blocks|img_in|time_in|guidance_in|"
+                         r"vector_in_out_layer|final_layer|x_embedder|t_embedder|y_embedder_mlp_2|pos_embed)(_|$)")
 
 
 def _norm(x: torch.Tensor) -> float:
@@ -44,33 +50,32 @@ def _weight(base: BaseModel | None, module: str) -> tuple[torch.Tensor | None, b
 
 def _share(role_name: str, dw: torch.Tensor, bases: Bases, attn: torch.nn.Module | None) -> tuple[float | None, str]:
     """(share of ``dw`` on the constraint of its role, or None and why not)."""
-    context = bases.get(CONTEXT)
-    if role_name in ("key", "value"):
-        if context is None or dw.shape[1] != context.shape[0]:
-            width = "none" if context is None else context.shape[0]
-            return None, f"reads {dw.shape[1]}-d text states but the basis is {width}-d (a LoRA for another model?)"
-        return _ratio(dw @ context, dw), ""
-    if role_name == "pooled":
-        u = bases.get(POOLED)
-        if u is None:
-            return None, "no pooled basis (the base model has no pooled text path)"
+    row = ROLES[role_name]
+    u = bases.get(row.space)
+    if u is None:
+        return None, f"no {row.space} basis for this model"
+    if row.shape == "exact":
+        if dw.shape[1] != u.shape[0]:
+            return None, f"reads {dw.shape[1]}-d inputs but the {row.space} basis is {u.shape[0]}-d (another model?)"
+        return _ratio(dw @ u, dw), ""
+    if row.shape == "padded":
         if dw.shape[1] < u.shape[0]:
-            return None, f"has {dw.shape[1]} inputs, fewer than the {u.shape[0]}-d pooled basis"
+            return None, f"has {dw.shape[1]} inputs, fewer than the {u.shape[0]}-d {row.space} basis"
         return _ratio(dw[:, :u.shape[0]] @ u, dw), ""
-    if attn is None or context is None:
+    if attn is None:
         return None, "needs the base model's attention module (per-head spans of its key/value weights)"
-    sibling = attn.to_k if role_name == "query" else attn.to_v
-    if sibling.weight.shape[1] != context.shape[0]:
-        return None, f"the base {role_name} reads {sibling.weight.shape[1]}-d states, the basis is {context.shape[0]}-d"
-    q = head_basis(sibling.weight, context, attn.heads)
-    if role_name == "query":
+    sibling = getattr(attn, row.heads_of)
+    if sibling.weight.shape[1] != u.shape[0]:
+        return None, f"the base {row.heads_of} reads {sibling.weight.shape[1]}-d states, the basis is {u.shape[0]}-d"
+    q = head_basis(sibling.weight, u, attn.heads)
+    if row.side == "output":
         return (_ratio(q.T @ dw, dw), "") if dw.shape[0] == q.shape[0] else (None, "delta does not fit the heads")
     return (_ratio(dw @ q, dw), "") if dw.shape[1] == q.shape[0] else (None, "delta does not fit the heads")
 
 
 def frozen_heads(attn: torch.nn.Module, role_name: str, context: torch.Tensor, rtol: float = 1e-6) -> int:
     """How many heads of a query/out layer the constraint leaves no freedom (the basis spans the whole head)."""
-    w = (attn.to_k if role_name == "query" else attn.to_v).weight.detach().double()
+    w = getattr(attn, ROLES[role_name].heads_of).weight.detach().double()
     dh = w.shape[0] // attn.heads
     count = 0
     for h in range(attn.heads):
@@ -81,22 +86,22 @@ def frozen_heads(attn: torch.nn.Module, role_name: str, context: torch.Tensor, r
 
 
 def _concept_change(role_name: str, dw: torch.Tensor, w0: torch.Tensor | None, rows: Bases) -> float | None:
-    if w0 is None or w0.shape != dw.shape:
+    """||dW c|| / ||W0 c|| over the concept's rows c, for a layer that reads them (exact or padded rows)."""
+    row = ROLES[role_name]
+    c = rows.get(row.space)
+    if w0 is None or w0.shape != dw.shape or c is None or row.shape == "heads" or c.shape[1] > dw.shape[1]:
         return None
-    if role_name in ("key", "value") and CONTEXT in rows and rows[CONTEXT].shape[1] == dw.shape[1]:
-        c = rows[CONTEXT]
-        return _ratio(c @ dw.T, c @ w0.T)
-    if role_name == "pooled" and POOLED in rows and rows[POOLED].shape[1] <= dw.shape[1]:
-        c, k = rows[POOLED], rows[POOLED].shape[1]
-        return _ratio(c @ dw[:, :k].T, c @ w0[:, :k].T)
-    return None
+    if row.shape == "exact" and c.shape[1] != dw.shape[1]:
+        return None
+    k = c.shape[1]
+    return _ratio(c @ dw[:, :k].T, c @ w0[:, :k].T)
 
 
 def measure_file(lora: LoraFile, base: BaseModel | None, spaces: list[tuple[Bases, Bases]],
                  checked_roles: set[str]) -> list[LayerReport]:
     """One report per module the file changes. ``spaces``: (bases, concept rows) per clip_skip checked;
     ``checked_roles``: the query/out roles that count toward the verdict (text readers always count)."""
-    dit = is_dit(lora.modules())
+    dit = is_dit(lora.modules()) and (base is None or base.layers_per_block is None)
     by_module: dict[str, list] = {}
     for adapter in lora.adapters:
         by_module.setdefault(adapter.module, []).append(adapter)
@@ -107,7 +112,7 @@ def measure_file(lora: LoraFile, base: BaseModel | None, spaces: list[tuple[Base
             reports.append(LayerReport(module, "text-encoder", [a.spelling for a in adapters],
                                        note="a text-encoder layer: the concept's embeddings themselves may move"))
             continue
-        role_name = role(module, dit)
+        role_name = role(module)
         reports.append(_measure_module(lora, module, role_name, adapters, base, spaces, checked_roles, dit))
     return reports
 
@@ -116,9 +121,13 @@ def _measure_module(lora: LoraFile, module: str, role_name: str | None, adapters
                     spaces: list[tuple[Bases, Bases]], checked_roles: set[str], dit: bool) -> LayerReport:
     w0, found = _weight(base, module)
     text = reads_text(role_name)
-    attention = role_name in ATTENTION_ROLES
+    attention = constrained_by_heads(role_name)
     report = LayerReport(module, role_name or "elsewhere", [], checked=text or (attention and role_name in checked_roles))
     if base is not None and not found:
+        if dit and not text and _BFL_BLOCKS.search(module):
+            report.kinds = sorted({a.spelling for a in adapters})
+            report.note = "a Flux/SD3 block under its BFL/SAI name (does not read the text encoders' output)"
+            return report
         report.blocking = "no such layer in the base model: what it changes cannot be placed"
         return report
     if not adapters:
@@ -141,9 +150,6 @@ def _measure_module(lora: LoraFile, module: str, role_name: str | None, adapters
         else:
             report.note = "; ".join(missing)
         return report
-    if dit and text:
-        report.blocking = "a Flux/SD3 text reader: re-encoding the preset with T5 is not supported, not measured"
-        return report
     deltas = [f.delta for f in formed if f.delta is not None]
     if not deltas:
         report.note = "changes only biases"
@@ -152,7 +158,7 @@ def _measure_module(lora: LoraFile, module: str, role_name: str | None, adapters
         report.blocking = "adapters of different shapes on one layer"
         return report
     candidates = ([sum(deltas)] if len(deltas) > 1 else []) + deltas
-    attn = base.module(module.rsplit("_to_", 1)[0]) if (attention and base is not None) else None
+    attn = base.module(attention_path(role_name, module)) if (attention and base is not None) else None
     shares, changes, reasons = [], [], []
     for bases, rows in spaces:
         for dw in candidates:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .targets import role_of
+from .roles import ROLES, role_of
 
 # the tensor's role within its adapter, by the name's ending (after diffusers' normalisation)
 _PART_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), part) for p, part in (
@@ -52,12 +52,6 @@ _TE_PREFIXES = (("lora_te1_", "lora_te1_"), ("lora_te2_", "lora_te2_"), ("lora_t
                 ("text_encoder.", "lora_te_"), ("te1.", "lora_te1_"), ("te2.", "lora_te2_"), ("te.", "lora_te_"))
 _MODULE_TEXT = re.compile(r"^[A-Za-z0-9_.]+$")
 
-# Flux / SD3 layers that read the text encoders' output directly (diffusers, kohya and BFL names, with '_');
-# not yet rows of the role registry, so named here (see FACTS: only these read the text encoder output)
-_DIT_READERS = (
-    ("context", re.compile(r"(^|_)(context_embedder|txt_in)$")),
-    ("pooled", re.compile(r"(^|_)(time_text_embed_text_embedder_linear_1|vector_in_in_layer|y_embedder_mlp_0)$")),
-)
 _DIT_MARKERS = re.compile(r"(^|_)(double_blocks|single_blocks|joint_blocks|single_transformer_blocks|"
                           r"context_embedder|txt_in|x_embedder|img_in|time_text_embed)(_|$)")
 
@@ -139,23 +133,18 @@ def is_dit(modules: list[str]) -> bool:
     return any(_DIT_MARKERS.search(m[len("lora_unet_"):]) for m in modules if m.startswith("lora_unet_"))
 
 
-def role(module: str, dit: bool = False) -> str | None:
-    """The role of a denoiser module: key/value/pooled/query/out (UNet), context/pooled (Flux, SD3), or None."""
+def role(module: str) -> str | None:
+    """The role registry's row for a denoiser module (``roles.ROLES``), or None (text-encoder layers too)."""
     if is_text_encoder(module):
         return None
-    if dit:
-        path = module[len("lora_unet_"):]
-        for name, pattern in _DIT_READERS:
-            if pattern.search(path):
-                return "dit-" + name
-        return None
-    return role_of(module)
-
-
-TEXT_READERS = frozenset({"key", "value", "pooled", "dit-context", "dit-pooled"})
-ATTENTION_ROLES = frozenset({"query", "out"})
+    return role_of(module[len("lora_unet_"):] if module.startswith("lora_unet_") else module)
 
 
 def reads_text(role_name: str | None) -> bool:
     """Whether a layer of this role takes the text states (or the pooled text embedding) as its input."""
-    return role_name in TEXT_READERS
+    return role_name is not None and ROLES[role_name].reads_text
+
+
+def constrained_by_heads(role_name: str | None) -> bool:
+    """Whether the role's constraint is the per-head span of a sibling projection (attn2 query/out)."""
+    return role_name is not None and ROLES[role_name].shape == "heads"
