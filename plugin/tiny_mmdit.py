@@ -77,8 +77,10 @@ def flux_transformer(joint_attention_dim: int = 48, pooled_projection_dim: int =
 
 
 def sd3_transformer(joint_attention_dim: int = 48, pooled_projection_dim: int = 40, layers: int = 2,
-                    heads: int = 4, head_dim: int = 8, in_channels: int = 4, sample_size: int = 8, seed: int = 0):
-    """A tiny ``SD3Transformer2DModel`` (patch 1, caption projection to the inner width)."""
+                    heads: int = 4, head_dim: int = 8, in_channels: int = 4, sample_size: int = 8,
+                    dual_attention_layers: tuple[int, ...] = (), seed: int = 0):
+    """A tiny ``SD3Transformer2DModel`` (patch 1, caption projection to the inner width; SD3.5-style
+    ``dual_attention_layers`` add an image self-attention ``attn2`` to those blocks)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -86,7 +88,7 @@ def sd3_transformer(joint_attention_dim: int = 48, pooled_projection_dim: int = 
         sample_size=sample_size, patch_size=1, in_channels=in_channels, num_layers=layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_attention_dim,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_projection_dim,
-        out_channels=in_channels, pos_embed_max_size=sample_size * 2)
+        out_channels=in_channels, pos_embed_max_size=sample_size * 2, dual_attention_layers=dual_attention_layers)
 
 
 def mmdit_vae(latent_channels: int, factors: dict[str, float], seed: int = 0):
