@@ -15,28 +15,26 @@ resumed from a checkpoint keeps the original ``W0`` (restored from the checkpoin
 
 from __future__ import annotations
 
-import base64
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import numpy as np
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from concept_exclusion.errors import ConceptExclusionError, ModelFolderError, SubspaceError
+from concept_exclusion.codec import from_json, record_of, to_json
+from concept_exclusion.errors import ConceptExclusionError, ModelFolderError
 from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.model_folder import load_text_encoders
-from concept_exclusion.preset import TARGET_SETS, load_preset, parse_preset
+from concept_exclusion.options import check_mode_strength
+from concept_exclusion.preset import TARGET_SETS, load_preset
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 from concept_exclusion.subspace import ConceptSubspace
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "concept_exclusion_state.safetensors"
-_JSON_FORMAT = "concept-exclusion-subspace-json/1"
 
 
 @dataclass
@@ -71,8 +69,8 @@ class ConceptExclusionArguments:
                 if name not in TARGET_SETS:
                     raise ConceptExclusionError(f"--concept_targets: unknown target set {name!r} "
                                                 f"(known: {', '.join(TARGET_SETS)})")
-        if self.concept_strength is not None and not 0.0 <= self.concept_strength <= 1.0:
-            raise ConceptExclusionError(f"--concept_strength must be in [0, 1], got {self.concept_strength}")
+        check_mode_strength(self.concept_mode, self.concept_strength, mode_name="--concept_mode",
+                            strength_name="--concept_strength")
 
     def target_sets(self) -> tuple[str, ...] | None:
         if self.concept_targets is None:
@@ -80,42 +78,15 @@ class ConceptExclusionArguments:
         return tuple(t.strip() for t in self.concept_targets.split(",") if t.strip())
 
 
-# the subspace as JSON (TrainerState is JSON; ExportableState rebuilds callbacks from it) ---------------
+# the subspace as JSON (TrainerState is JSON; ExportableState rebuilds callbacks from it): concept_exclusion.codec
 def subspace_to_json(subspace: ConceptSubspace) -> dict[str, Any]:
     """Bases as base64 of float64 little-endian bytes (bit-exact), with the preset and encoder identity."""
-    return {
-        "format": _JSON_FORMAT,
-        "bases": {s: {"shape": list(u.shape), "float64": base64.b64encode(u.numpy().astype("<f8").tobytes()).decode()}
-                  for s, u in sorted(subspace.bases.items())},
-        "encoder": subspace.encoder,
-        "clip_skip": subspace.clip_skip,
-        "energy_kept": dict(subspace.energy_kept),
-        "preset_toml": subspace.preset.toml_text if subspace.preset is not None else "",
-        "preset_source": subspace.preset.source if subspace.preset is not None else "",
-    }
+    return to_json(record_of(subspace))
 
 
 def subspace_from_json(doc: dict[str, Any]) -> ConceptSubspace:
     """Inverse of ``subspace_to_json``; checks the format and that every basis is orthonormal."""
-    if not isinstance(doc, dict) or doc.get("format") != _JSON_FORMAT:
-        raise SubspaceError(f"callback state: not a {_JSON_FORMAT} document")
-    bases = {}
-    try:
-        for space, entry in doc["bases"].items():
-            rows, cols = (int(v) for v in entry["shape"])
-            raw = np.frombuffer(base64.b64decode(entry["float64"], validate=True), dtype="<f8")
-            if raw.size != rows * cols:
-                raise ValueError(f"basis {space!r} holds {raw.size} values, expected {rows} x {cols}")
-            bases[space] = torch.from_numpy(raw.copy()).reshape(rows, cols)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SubspaceError(f"callback state: malformed subspace ({exc})") from None
-    for space, u in bases.items():
-        if not torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-8):
-            raise SubspaceError(f"callback state: basis {space!r} is not orthonormal")
-    toml = doc.get("preset_toml") or ""
-    preset = parse_preset(toml, source=doc.get("preset_source") or "<callback state>") if toml else None
-    return ConceptSubspace(bases, preset, doc.get("encoder", "unknown"), doc.get("clip_skip"),
-                           {k: float(v) for k, v in (doc.get("energy_kept") or {}).items()})
+    return ConceptSubspace(**vars(from_json(doc)))
 
 
 def _load_text_encoders(source: str) -> tuple[list, list]:
@@ -163,13 +134,7 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
             if tokenizer is None or text_encoder is None:
                 raise ConceptExclusionError(f"--concept_preset {args.concept_preset}: pass tokenizer= and "
                                             f"text_encoder= to from_args, or set --concept_text_encoder")
-            if isinstance(text_encoder, (list, tuple)) and len(text_encoder) == 2:
-                subspace = ConceptSubspace.from_text_encoders(preset, list(tokenizer), list(text_encoder),
-                                                              args.concept_clip_skip)
-            else:
-                one_tok = tokenizer[0] if isinstance(tokenizer, (list, tuple)) else tokenizer
-                one_enc = text_encoder[0] if isinstance(text_encoder, (list, tuple)) else text_encoder
-                subspace = ConceptSubspace.from_text_encoder(preset, one_tok, one_enc, args.concept_clip_skip)
+            subspace = ConceptSubspace.from_encoders(preset, tokenizer, text_encoder, args.concept_clip_skip)
         if args.concept_save_subspace:
             subspace.save(args.concept_save_subspace)
         return cls(subspace, mode=args.concept_mode, strength=args.concept_strength, targets=args.target_sets(),

@@ -32,7 +32,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,9 @@ import torch
 from torch import nn
 
 from concept_exclusion.errors import ConceptExclusionError, TargetError
-from concept_exclusion.exclusion import ConceptExclusion, _text_encoder_training
+from concept_exclusion.exclusion import ConceptExclusion, text_encoder_training
 from concept_exclusion.metadata import PREFIX
-from concept_exclusion.safeio import read_header
+from concept_exclusion.safeio import atomic_path, read_header
 from concept_exclusion.subspace import ConceptSubspace
 from concept_exclusion.targets import find_targets
 
@@ -126,7 +125,7 @@ class ConceptExclusionNetwork(nn.Module):
 
     def _check_targets(self, unet: nn.Module | None) -> None:
         """Dry run of the target search: fail now, not after the first epoch, when nothing can be protected."""
-        training = _text_encoder_training(self.base_network, [])
+        training = text_encoder_training(self.base_network, [])
         if training and not self.settings.get("allow_text_encoder_training"):
             raise TargetError(f"the network trains the text encoder ({training[0]}, ...): the concept's embeddings "
                               f"would move; train with --network_train_unet_only, or pass network_args "
@@ -247,22 +246,19 @@ class ConceptExclusionNetwork(nn.Module):
         if clash:
             log.info("replacing %d stale %s* metadata keys from the host", len(clash), PREFIX)
         merged.update(ours)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            self.base_network.save_weights(str(tmp), dtype, merged)
-            _, written = read_header(tmp)
-            missing = [k for k in ours if written.get(k) != ours[k]]
-            if missing:
-                raise ConceptExclusionError(f"{path}: the {self.base_name} network dropped the metadata key "
-                                            f"{missing[0]!r} while saving; refusing to write an unlabelled file")
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            # the base network picks its writer by the extension (sd-scripts: torch.save for anything else)
+            staged = tmp.with_name(tmp.name + ".safetensors")
+            try:
+                self.base_network.save_weights(str(staged), dtype, merged)
+                _, written = read_header(staged)
+                missing = [k for k in ours if written.get(k) != ours[k]]
+                if missing:
+                    raise ConceptExclusionError(f"{path}: the {self.base_name} network dropped the metadata key "
+                                                f"{missing[0]!r} while saving; refusing to write an unlabelled file")
+                os.replace(staged, tmp)
+            finally:
+                staged.unlink(missing_ok=True)
         log.info("saved %s: max leakage %s over %s target layers", path, ours[PREFIX + "leakage_max"],
                  ours[PREFIX + "target_layers"])
 

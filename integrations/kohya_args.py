@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from concept_exclusion.errors import ConceptExclusionError
-from concept_exclusion.preset import MODES, TARGET_SETS
+from concept_exclusion.options import check_mode_strength, parse_bool
+from concept_exclusion.preset import TARGET_SETS
 
 DEFAULT_BASE_NETWORK = "networks.lora"
 THIS_MODULE = "concept_exclusion.integrations.kohya"
@@ -24,14 +25,10 @@ class KohyaArgsError(ConceptExclusionError):
 
 
 def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise KohyaArgsError(f"network_args {key}={value!r}: expected true or false")
+    try:
+        return parse_bool(value, empty=False)
+    except ValueError:
+        raise KohyaArgsError(f"network_args {key}={value!r}: expected true or false") from None
 
 
 def _as_int(key: str, value: Any, lo: int) -> int:
@@ -65,8 +62,7 @@ def split_network_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str, dic
     settings: dict[str, Any] = {"preset": str(ours["concept_preset"]).strip()}
     if ours.get("concept_mode") not in (None, ""):
         mode = str(ours["concept_mode"]).strip()
-        if mode not in MODES:
-            raise KohyaArgsError(f"network_args concept_mode={mode!r}: must be one of {', '.join(MODES)}")
+        check_mode_strength(mode, None, mode_name="network_args concept_mode", error=KohyaArgsError)
         settings["mode"] = mode
     if ours.get("concept_strength") not in (None, ""):
         settings["strength"] = _as_float("concept_strength", ours["concept_strength"])

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from concept_exclusion.errors import SubspaceError
+from concept_exclusion.options import check_mode_strength
 from concept_exclusion.preset import Preset, load_preset
 from concept_exclusion.subspace import ConceptSubspace
 from concept_exclusion.targets import role_of
@@ -74,10 +75,11 @@ def _encoders_list(text_encoder) -> list[nn.Module]:
 
 
 def build_subspace(preset: Preset, text_encoder, settings: dict[str, Any]) -> ConceptSubspace:
-    """Encode the preset's concepts with the model's encoders (SDXL: a list of two) -> the concept subspace."""
+    """Encode the preset's concepts with the model's encoders (SDXL: a list of two), through
+    ``ConceptSubspace.from_encoders`` -> the concept subspace."""
     encoders = _encoders_list(text_encoder)
-    if not encoders or len(encoders) > 2:
-        raise SubspaceError(f"expected one (SD1/SD2) or two (SDXL) text encoders from sd-scripts, got {len(encoders)}")
+    if not encoders:
+        raise SubspaceError("sd-scripts passed no text encoder to encode the concept with")
     tokenizers, strategy_skip, found = _strategy_objects()
     source = "sd-scripts' TokenizeStrategy"
     if "tokenizer" in settings:
@@ -92,9 +94,7 @@ def build_subspace(preset: Preset, text_encoder, settings: dict[str, Any]) -> Co
     if found and "clip_skip" in settings and strategy_skip is not None and settings["clip_skip"] != strategy_skip:
         log.warning("concept_clip_skip=%s differs from the training's --clip_skip %s: the concept is encoded "
                     "differently from the prompts the UNet reads", settings["clip_skip"], strategy_skip)
-    if len(encoders) == 2:
-        return ConceptSubspace.from_text_encoders(preset, tokenizers, encoders, clip_skip)
-    return ConceptSubspace.from_text_encoder(preset, tokenizers[0], encoders[0], clip_skip)
+    return ConceptSubspace.from_encoders(preset, tokenizers, encoders, clip_skip)
 
 
 def _check_unet_width(unet: nn.Module | None, subspace: ConceptSubspace) -> None:
@@ -114,11 +114,8 @@ def encode_concept(text_encoder, unet, settings: dict[str, Any]) -> ConceptSubsp
     """Load the preset and encode it with the model's own encoder(s); every failure is one line, before training."""
     preset = load_preset(settings["preset"])
     mode = settings.get("mode") or preset.projection.mode
-    strength = settings.get("strength")
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise KohyaArgsError(f"network_args concept_strength={strength}: must be in [0, 1]")
-    if mode == "exact" and strength not in (None, 1.0):
-        raise KohyaArgsError("network_args concept_strength applies to concept_mode=gradient only")
+    check_mode_strength(mode, settings.get("strength"), mode_name="network_args concept_mode",
+                        strength_name="network_args concept_strength", error=KohyaArgsError)
     if mode == "gradient":
         log.warning("concept_mode=gradient projects gradients only: a LoRA's down factors keep their initial "
                     "concept components and Adam drifts, so the saved file will usually fail `concept-exclusion "

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from concept_exclusion.errors import ConceptExclusionError
+from concept_exclusion.options import parse_bool
 from concept_exclusion.preset import MODES, TARGET_SETS
 
 from .train_model import LORA_TARGETS
@@ -28,14 +29,7 @@ SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 def boolean(value: Any) -> bool:
     """``true``/``false`` (also 1/0, yes/no, on/off) from a flag, or a TOML boolean as it is."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    return parse_bool(value)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import TargetError
+from .hooks import Hook
 from .roles import ROLES, basis_for, canonical_name, role_of
 from .subspace import ConceptSubspace
 
@@ -81,20 +82,27 @@ def _projecting_hook(basis: torch.Tensor):
     return hook
 
 
-class ContextProjector:
-    """Forward pre-hooks that project the text states each reader of ``model`` receives (see module doc)."""
+class ContextProjector(Hook):
+    """Forward pre-hooks that project the text states each reader of ``model`` receives (see module doc).
+
+    The readers and their bases come from ``subspace`` when it attaches (on construction, which
+    fails with ``TargetError`` when ``model`` has no reader; and on every ``attach`` after ``detach``,
+    so re-encoding is: detach, set ``subspace``, attach).
+    """
 
     def __init__(self, model: nn.Module, subspace: ConceptSubspace) -> None:
+        super().__init__()
         self.model = model
-        found = context_readers(model, subspace)
-        self.readers = [name for name, _, _ in found]
-        self._handles = [m.register_forward_pre_hook(_projecting_hook(b), with_kwargs=True) for _, m, b in found]
+        self.subspace = subspace
+        self.readers: list[str] = []
+        self.attach()
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def _install(self) -> list:
+        found = context_readers(self.model, self.subspace)
+        self.readers = [name for name, _, _ in found]
+        return [m.register_forward_pre_hook(_projecting_hook(b), with_kwargs=True) for _, m, b in found]
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        """The same as ``attached`` (the name used before hooks shared one interface)."""
+        return self.attached

@@ -24,31 +24,14 @@ import torch
 from torch import nn
 
 from .errors import TargetError
-from .projector import GradientProjector, WeightProjector, project_grad, project_in_place
+from .dtensor import full_tensor, is_sharded, local_tensor
+from .hooks import Hook
+from .projector import Constraint, WeightProjector, project_grad, project_in_place
+
+__all__ = ["ShardedGradientProjector", "ShardedWeightProjector", "check_sharded", "full_tensor", "is_sharded",
+           "local_tensor", "refuse_unsupported_wrappers"]
 
 log = logging.getLogger(__name__)
-
-try:  # DTensor is public from torch 2.4; older torch simply has no sharded parameters to handle
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - torch built without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment,misc]
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """True for a DTensor (an FSDP2 / tensor-parallel parameter or gradient)."""
-    return DTensor is not None and isinstance(tensor, DTensor)
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (sharing its storage); any other tensor unchanged."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: an all-gather for a DTensor (every rank must call it), else unchanged."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
-
 
 def refuse_unsupported_wrappers(model: nn.Module) -> None:
     """Raise ``TargetError`` when ``model`` is wrapped by a sharding scheme whose gradients we cannot reach."""
@@ -63,7 +46,7 @@ def refuse_unsupported_wrappers(model: nn.Module) -> None:
                               f"wrapping and use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
 
 
-def check_sharded(constraints: Sequence) -> None:
+def check_sharded(constraints: Sequence[Constraint]) -> None:
     """Refuse sharded targets whose constraint is not shard-local (output side, or not sharded on rows)."""
     for c in constraints:
         p = c.target.param
@@ -95,30 +78,34 @@ def _project_local_grad(basis: torch.Tensor, strength: float) -> Callable[[torch
     return hook
 
 
-class ShardedGradientProjector:
-    """Gradient projection for a mix of ordinary and sharded targets (same ``remove`` as ``GradientProjector``)."""
+class ShardedGradientProjector(Hook):
+    """Post-accumulate-grad hooks projecting the sharded (DTensor) targets' gradients on each rank's rows.
 
-    def __init__(self, constraints: Sequence, strength: float) -> None:
+    Ordinary targets are ``GradientProjector``'s; this hook refuses (``check_sharded``) what it cannot
+    keep shard-locally, and reads the constraints' bases when it attaches. Attached on construction.
+    """
+
+    def __init__(self, constraints: Sequence[Constraint], strength: float) -> None:
+        super().__init__()
         check_sharded(constraints)
-        plain = [c for c in constraints if not is_sharded(c.target.param)]
-        sharded = [c for c in constraints if is_sharded(c.target.param)]
-        self._plain = GradientProjector(plain, strength)
-        self._handles = [] if float(strength) == 0.0 else [
-            c.target.param.register_post_accumulate_grad_hook(_project_local_grad(c.basis, strength)) for c in sharded]
+        self.constraints = constraints
+        self.strength = float(strength)
+        self.attach()
+
+    def _install(self) -> list:
+        if self.strength == 0.0:
+            return []
+        sharded = [c for c in self.constraints if is_sharded(c.target.param)]
         if sharded:
             log.info("projecting %d FSDP-sharded target(s) shard-locally after the reduce-scatter", len(sharded))
-
-    def remove(self) -> None:
-        self._plain.remove()
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        return [c.target.param.register_post_accumulate_grad_hook(_project_local_grad(c.basis, self.strength))
+                for c in sharded]
 
 
 class ShardedWeightProjector:
     """Exact mode's post-step re-projection for ordinary targets and, on each rank's rows, sharded ones."""
 
-    def __init__(self, constraints: Sequence) -> None:
+    def __init__(self, constraints: Sequence[Constraint]) -> None:
         self._plain = WeightProjector([c for c in constraints if not is_sharded(c.target.param)])
         self._sharded = [c for c in constraints if is_sharded(c.target.param)]
 

@@ -16,18 +16,22 @@ import torch
 from torch import nn
 
 from .context import ContextProjector
-from .distributed import (ShardedGradientProjector, ShardedWeightProjector, full_tensor,
-                          local_tensor, refuse_unsupported_wrappers)
+from .distributed import ShardedGradientProjector, ShardedWeightProjector, refuse_unsupported_wrappers
+from .dtensor import full_tensor, local_tensor
 from .errors import TargetError
-from .projector import _Constraint, constraint_value
+from .hooks import Hooks, OptimizerPostStep
+from .metadata import Provenance, provenance_metadata
+from .mmdit import default_project_context, find_mmdit_targets
+from .options import check_mode_strength
+from .preset import Projection
+from .projector import GradientProjector, constraints_for
 from .subspace import ConceptSubspace
-from .targets import Target, find_targets
-from .preset import MODES, Projection
+from .targets import Target
 
 log = logging.getLogger(__name__)
 
 
-def _text_encoder_training(model: nn.Module, text_encoders: Sequence[nn.Module]) -> list[str]:
+def text_encoder_training(model: nn.Module, text_encoders: Sequence[nn.Module]) -> list[str]:
     """Names of trainable text-encoder parts: given encoders, encoders inside ``model``, kohya TE LoRA modules."""
     found = []
     for i, enc in enumerate(text_encoders):
@@ -41,21 +45,15 @@ def _text_encoder_training(model: nn.Module, text_encoders: Sequence[nn.Module])
     return found
 
 
-def _innermost_optimizer(optimizer):
-    """The torch optimizer under wrappers (accelerate's AcceleratedOptimizer, ...) whose step really runs."""
-    seen = 0
-    while hasattr(optimizer, "optimizer") and seen < 8 and optimizer.optimizer is not optimizer:
-        optimizer = optimizer.optimizer
-        seen += 1
-    return optimizer
-
-
 class ConceptExclusion:
     """The projection attached to one model. Build it with ``ConceptExclusion.attach``."""
 
+    # hooks whose callbacks hold the concept's bases: re-encoding detaches them, refreshes the bases, attaches them
+    BASIS_HOOKS = ("gradient", "distributed", "context")
+
     def __init__(self, subspace: ConceptSubspace, targets: list[Target], mode: str, strength: float,
-                 target_sets: tuple[str, ...], reencode_every: int | None, *, leakage_snapshots: bool = True
-                 ) -> None:
+                 target_sets: tuple[str, ...], reencode_every: int | None, *, leakage_snapshots: bool = True,
+                 model: nn.Module | None = None, base_model: nn.Module | None = None) -> None:
         self.subspace = subspace
         self.targets = targets
         self.mode = mode
@@ -63,10 +61,14 @@ class ConceptExclusion:
         self.target_sets = target_sets
         self.reencode_every = reencode_every
         self.steps = 0
-        self._optimizer_handle = None
-        self._context: ContextProjector | None = None
+        self.hooks = Hooks()
+        self._context_requested = False
+        self._model, self._base_model = model, base_model
         self._leakage_snapshots = leakage_snapshots
+        self._constraints: list = []
         self._build(project_now=(mode == "exact"))
+        self.hooks.add("gradient", GradientProjector(self._constraints, self.strength))
+        self.hooks.add("distributed", ShardedGradientProjector(self._constraints, self.strength))
         # after the attach-time projection: an adapter that already held concept components (a resumed
         # or downloaded LoRA) loses them at attach, and leakage measures what training adds from there
         self._initial = {t.name: self._snapshot(t) for t in targets}
@@ -91,19 +93,14 @@ class ConceptExclusion:
         """
         defaults = subspace.preset.projection if subspace.preset is not None else Projection()
         mode = mode or defaults.mode
-        if mode not in MODES:
-            raise TargetError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if strength is None:
             strength = defaults.strength if mode == "gradient" else 1.0
-        if not 0.0 <= float(strength) <= 1.0:
-            raise TargetError(f"strength must be in [0, 1], got {strength}")
-        if mode == "exact" and strength != 1.0:
-            raise TargetError("strength applies to mode='gradient' only; exact mode always projects fully")
+        check_mode_strength(mode, strength, error=TargetError)
         sets = (targets,) if isinstance(targets, str) else tuple(targets or defaults.targets)
         encoders = [] if text_encoder is None else (
             list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder])
         refuse_unsupported_wrappers(model)
-        training = _text_encoder_training(model, encoders)
+        training = text_encoder_training(model, encoders)
         if training and not allow_text_encoder_training:
             raise TargetError(f"text encoder parameters require grad ({', '.join(training[:3])}): the concept's "
                               f"embeddings would move and the exclusion would not hold; freeze the text encoder "
@@ -115,20 +112,22 @@ class ConceptExclusion:
                                   "(from_text_encoder/from_text_encoders) so it can be re-encoded")
             log.warning("text encoder is training: the concept is re-encoded every %d steps and the exclusion "
                         "is approximate between re-encodings", reencode_every)
-        found = find_targets(model, subspace, sets, base_model=base_model)
-        if project_context is None:
-            project_context = defaults.project_context
+        if project_context is None:  # on by default for an MMDiT (Flux, SD3): see concept_exclusion.mmdit
+            project_context = default_project_context(model if base_model is None else base_model,
+                                                      defaults.project_context)
+        found = find_mmdit_targets(model, subspace, sets, base_model, project_context)
         # the forward hooks first: they fail (no reader found) before any weight is projected, and go if attaching does
         context = ContextProjector(model if base_model is None else base_model, subspace) if project_context else None
         try:
             self = cls(subspace, found, mode, float(strength), sets, reencode_every if training else None,
-                       leakage_snapshots=leakage_snapshots)
+                       leakage_snapshots=leakage_snapshots, model=model, base_model=base_model)
         except BaseException:
             if context is not None:
-                context.remove()
+                context.detach()
             raise
-        self._context = context
-        self._model, self._base_model = model, base_model
+        if context is not None:
+            self.hooks.add("context", context)
+            self._context_requested = True
         if optimizer is not None:
             self.register_optimizer(optimizer)
         log.info("concept exclusion attached: %d targets, mode=%s, ranks %s, context projected at %d layers",
@@ -150,16 +149,8 @@ class ConceptExclusion:
         return p0.to("cpu", torch.float32, copy=True), o0.to("cpu", torch.float32, copy=True)
 
     def _build(self, project_now: bool) -> None:
-        self._constraints = []
-        on_device: dict[tuple[int, torch.device], torch.Tensor] = {}  # one fp32 copy per basis and device
-        for t in self.targets:
-            key = (id(t.basis), t.param.device)
-            if key not in on_device:
-                on_device[key] = t.basis.to(t.param.device, torch.float32)
-            basis = on_device[key]
-            stored = constraint_value(local_tensor(t.param), basis, t.side) if t.kind == "full" else None
-            self._constraints.append(_Constraint(t, basis, stored))
-        self._grad = ShardedGradientProjector(self._constraints, self.strength)
+        """(Re)build the constraints from the targets' bases, in place: the gradient hooks hold this very list."""
+        self._constraints[:] = constraints_for(self.targets)
         self._weights = ShardedWeightProjector(self._constraints)
         if project_now:
             self._weights()
@@ -168,13 +159,7 @@ class ConceptExclusion:
         """Run ``after_optimizer_step`` after every real step of ``optimizer`` (skipped steps do nothing)."""
         if self.mode != "exact" and self.reencode_every is None:
             return
-        inner = _innermost_optimizer(optimizer)
-        if not hasattr(inner, "register_step_post_hook"):
-            raise TargetError(f"{type(inner).__name__} has no register_step_post_hook; call "
-                              f"exclusion.after_optimizer_step() after each optimizer step instead")
-        if self._optimizer_handle is not None:
-            self._optimizer_handle.remove()
-        self._optimizer_handle = inner.register_step_post_hook(lambda *_: self.after_optimizer_step())
+        self.hooks.add("optimizer", OptimizerPostStep(optimizer, self.after_optimizer_step))
 
     # training-time work ---------------------------------------------------------------------
     def after_optimizer_step(self) -> None:
@@ -186,22 +171,27 @@ class ConceptExclusion:
             self._weights()
 
     def _reencode(self) -> None:
-        """Re-encode the concept and give every target its new basis from the role registry."""
+        """Detach the hooks that hold bases, give every target its new basis from the role registry, attach them."""
         new = self.subspace.recompute()
         log.info("re-encoded the concept after %d steps (ranks %s)", self.steps, {s: new.rank(s) for s in new.bases})
-        fresh = {t.name: t.basis for t in find_targets(self._model, new, self.target_sets, base_model=self._base_model)}
+        found = find_mmdit_targets(self._model, new, self.target_sets, self._base_model, self._context_requested)
+        fresh = {t.name: t.basis for t in found}
         missing = [t.name for t in self.targets if t.name not in fresh]
         if missing:
             raise TargetError(f"re-encoding: {missing[0]} is no longer a target of the model; keep the model's "
                               f"layers unchanged while the exclusion is attached")
+        hooks = [h for name, h in self.hooks if name in self.BASIS_HOOKS and h.attached]
+        for hook in reversed(hooks):
+            hook.detach()
         for t in self.targets:
             t.basis = fresh[t.name]
         self.subspace = new
-        if self._context is not None:
-            self._context.remove()
-            self._context = ContextProjector(self._context.model, new)
-        self._grad.remove()
+        context = self.hooks.get("context")
+        if context is not None:
+            context.subspace = new
         self._build(project_now=(self.mode == "exact"))
+        for hook in hooks:
+            hook.attach()
 
     # reporting ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,11 +237,14 @@ class ConceptExclusion:
         values = self.leakage().values()
         return max(values) if values else 0.0
 
+    def provenance(self) -> Provenance:
+        """The plain record ``concept_exclusion.metadata`` writes: settings, subspace and the leakage measured now."""
+        return Provenance(self.subspace, self.mode, self.strength, tuple(self.target_sets), len(self.targets),
+                          self._context_requested, self.leakage(), self.steps)
+
     def metadata(self) -> dict[str, str]:
         """String-only provenance for safetensors (``concept_exclusion.*`` keys)."""
-        from .metadata import exclusion_metadata
-
-        return exclusion_metadata(self)
+        return provenance_metadata(self.provenance())
 
     # state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -294,17 +287,27 @@ class ConceptExclusion:
 
     @property
     def project_context(self) -> bool:
-        """Whether training passes read (or, once detached, read) the text states without the concept's component."""
-        return self._context is not None
+        """Whether training passes read the text states without the concept's component now (False once detached;
+        the provenance keeps whether this exclusion was attached with it)."""
+        context = self.hooks.get("context")
+        return context is not None and context.attached
+
+    @property
+    def context(self) -> ContextProjector | None:
+        """The context projector hook (attached or not), None when this exclusion was attached without one."""
+        hook = self.hooks.get("context")
+        return hook if isinstance(hook, ContextProjector) else None
+
+    _context = context  # the name tests of the evidence world read
+
+    @property
+    def attached(self) -> bool:
+        """Whether any hook of this exclusion is installed."""
+        return self.hooks.attached
 
     def detach(self) -> None:
-        """Remove every hook this exclusion installed."""
-        self._grad.remove()
-        if self._context is not None:
-            self._context.remove()
-        if self._optimizer_handle is not None:
-            self._optimizer_handle.remove()
-            self._optimizer_handle = None
+        """Remove every hook this exclusion installed (gradient, distributed, context, optimizer)."""
+        self.hooks.detach()
 
     def __repr__(self) -> str:
         return (f"ConceptExclusion(mode={self.mode!r}, targets={len(self.targets)}, "

@@ -7,84 +7,62 @@ base64 of float16 row-major bytes, so a 2048 x 64 basis costs about 350 KB of he
 
 from __future__ import annotations
 
-import base64
 import json
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ._version import __version__
+from .codec import basis_from_header, decode_basis, encode_basis, record_of, to_header
 from .errors import SafetensorsFileError
 
-if TYPE_CHECKING:
-    from .exclusion import ConceptExclusion
-    from .subspace import ConceptSubspace
-
 PREFIX = "concept_exclusion."
+__all__ = ["PREFIX", "Provenance", "decode_basis", "encode_basis", "ours", "provenance_metadata", "read_basis",
+           "read_provenance", "subspace_metadata"]
 
 
-def encode_basis(basis: torch.Tensor) -> str:
-    return base64.b64encode(basis.detach().cpu().to(torch.float16).numpy().astype("<f2").tobytes()).decode("ascii")
+@dataclass(frozen=True)
+class Provenance:
+    """What a trained file records about its exclusion (built by ``ConceptExclusion.provenance``).
+
+    ``subspace``: the concept subspace (anything with its attributes); ``project_context``: whether the
+    exclusion was attached with context projection; ``leakage``: per target, measured when the record was made.
+    """
+
+    subspace: object
+    mode: str
+    strength: float
+    target_sets: tuple[str, ...]
+    target_layers: int
+    project_context: bool
+    leakage: dict[str, float]
+    steps: int
 
 
-def decode_basis(text: str, shape: tuple[int, int]) -> torch.Tensor:
-    """Inverse of ``encode_basis``, re-orthonormalised in float64 (fp16 storage costs ~1e-3)."""
-    raw = np.frombuffer(base64.b64decode(text.encode("ascii"), validate=True), dtype="<f2")
-    if raw.size != shape[0] * shape[1]:
-        raise ValueError(f"basis holds {raw.size} values, expected {shape[0]} x {shape[1]}")
-    q, r = torch.linalg.qr(torch.from_numpy(raw.astype(np.float64)).reshape(shape))
-    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+def subspace_metadata(subspace) -> dict[str, str]:
+    """Keys describing the preset, encoder and bases (``codec.to_header`` under our prefix)."""
+    return to_header(record_of(subspace), PREFIX)
 
 
-def subspace_metadata(subspace: "ConceptSubspace") -> dict[str, str]:
-    """Keys describing the preset, encoder and bases."""
-    meta = {
-        PREFIX + "version": __version__,
-        PREFIX + "encoder": subspace.encoder,
-        PREFIX + "clip_skip": "" if subspace.clip_skip is None else str(subspace.clip_skip),
-        PREFIX + "ranks": json.dumps({s: subspace.rank(s) for s in sorted(subspace.bases)}),
-        PREFIX + "energy_kept": json.dumps({s: round(v, 6) for s, v in sorted(subspace.energy_kept.items())}),
-    }
-    if subspace.preset is not None:
-        p = subspace.preset
-        meta.update({PREFIX + "preset_name": p.name, PREFIX + "preset_version": p.version,
-                     PREFIX + "preset_sha256": p.sha256, PREFIX + "preset_toml": p.toml_text,
-                     PREFIX + "tokens": p.projection.tokens})
-    for space, u in sorted(subspace.bases.items()):
-        meta[PREFIX + f"basis.{space}"] = encode_basis(u)
-        meta[PREFIX + f"basis_shape.{space}"] = f"{u.shape[0]}x{u.shape[1]}"
-    return meta
-
-
-def exclusion_metadata(exclusion: "ConceptExclusion") -> dict[str, str]:
-    """Everything ``subspace_metadata`` records, plus mode, targets and the leakage measured now."""
-    leak = exclusion.leakage()
-    meta = subspace_metadata(exclusion.subspace)
+def provenance_metadata(record: Provenance) -> dict[str, str]:
+    """Everything ``subspace_metadata`` records, plus mode, targets and the leakage in ``record``."""
+    leak = record.leakage
+    meta = subspace_metadata(record.subspace)
     meta.update({
-        PREFIX + "mode": exclusion.mode,
-        PREFIX + "strength": repr(exclusion.strength),
-        PREFIX + "targets": json.dumps(list(exclusion.target_sets)),
-        PREFIX + "target_layers": str(len(exclusion.targets)),
-        PREFIX + "project_context": "true" if exclusion.project_context else "false",
+        PREFIX + "mode": record.mode,
+        PREFIX + "strength": repr(record.strength),
+        PREFIX + "targets": json.dumps(list(record.target_sets)),
+        PREFIX + "target_layers": str(record.target_layers),
+        PREFIX + "project_context": "true" if record.project_context else "false",
         PREFIX + "leakage": json.dumps({k: float(f"{v:.3e}") for k, v in sorted(leak.items())}),
         PREFIX + "leakage_max": f"{max(leak.values(), default=0.0):.3e}",
-        PREFIX + "steps": str(exclusion.steps),
+        PREFIX + "steps": str(record.steps),
     })
     return meta
 
 
 def read_basis(metadata: dict[str, str], space: str = "context", source: str = "<metadata>") -> torch.Tensor | None:
     """The basis a file carries for ``space`` (None when it carries none)."""
-    text = metadata.get(PREFIX + f"basis.{space}")
-    if text is None:
-        return None
-    shape_text = metadata.get(PREFIX + f"basis_shape.{space}", "")
-    try:
-        rows, cols = (int(v) for v in shape_text.split("x"))
-        return decode_basis(text, (rows, cols))
-    except (ValueError, TypeError) as exc:
-        raise SafetensorsFileError(f"{source}: metadata {PREFIX}basis.{space} is malformed ({exc})") from None
+    return basis_from_header(metadata, PREFIX, space, source)
 
 
 def ours(metadata: dict[str, str]) -> dict[str, str]:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .dtensor import is_sharded, local_tensor
+from .hooks import Hook
 from .targets import Target
 
 _BATCH_NUMEL = 1 << 19  # same-basis groups up to this many elements are concatenated (fewer kernels) after
@@ -74,28 +76,53 @@ def _grad_hook(basis: torch.Tensor, side: str, strength: float):
 
 
 @dataclass
-class _Constraint:
+class Constraint:
+    """One target with the float32 basis it is projected against on its parameter's device, and, for a full
+    weight, the constraint value held fixed (``W U`` or ``U^T W`` at attach; None for LoRA factors)."""
+
     target: Target
-    basis: torch.Tensor  # float32 on the parameter's device (shared by targets with the same basis)
-    stored: torch.Tensor | None  # full weights: float32 constraint value at attach time
+    basis: torch.Tensor
+    stored: torch.Tensor | None
 
 
-class GradientProjector:
-    """Tensor hooks that project each constrained parameter's gradient (strength 1 in exact mode).
+def constraints_for(targets: list[Target]) -> list[Constraint]:
+    """A ``Constraint`` per target: one float32 copy per basis and device, full weights' values recorded now
+    (on this rank's shard of a sharded weight)."""
+    out = []
+    on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
+    for t in targets:
+        key = (id(t.basis), t.param.device)
+        if key not in on_device:
+            on_device[key] = t.basis.to(t.param.device, torch.float32)
+        basis = on_device[key]
+        stored = constraint_value(local_tensor(t.param), basis, t.side) if t.kind == "full" else None
+        out.append(Constraint(t, basis, stored))
+    return out
+
+
+class GradientProjector(Hook):
+    """Tensor hooks that project each constrained (unsharded) parameter's gradient; strength 1 in exact mode.
 
     One hook per parameter: autograd hands gradients over one tensor at a time, and a hook is the
     only place that sees each micro-batch's gradient before accumulation, DDP and clipping.
-    Strength 0 installs nothing (the projection would be the identity).
+    Strength 0 installs nothing (the projection would be the identity). Sharded (DTensor) targets
+    are left to ``distributed.ShardedGradientProjector``. The constraints' bases are read when it
+    attaches (on construction, and on every ``attach`` after a ``detach``).
+
+        projector = GradientProjector(constraints_for(find_targets(unet, subspace, ["kv"])), 1.0)
     """
 
-    def __init__(self, constraints: list[_Constraint], strength: float) -> None:
-        self._handles = [] if float(strength) == 0.0 else [
-            c.target.param.register_hook(_grad_hook(c.basis, c.target.side, strength)) for c in constraints]
+    def __init__(self, constraints: list[Constraint], strength: float) -> None:
+        super().__init__()
+        self.constraints = constraints
+        self.strength = float(strength)
+        self.attach()
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def _install(self) -> list:
+        if self.strength == 0.0:
+            return []
+        return [c.target.param.register_hook(_grad_hook(c.basis, c.target.side, self.strength))
+                for c in self.constraints if not is_sharded(c.target.param)]
 
 
 def _copy_back(params: list[torch.Tensor], values: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
@@ -118,9 +145,9 @@ class WeightProjector:
     by one, in place (no stacked copies of their bases are kept).
     """
 
-    def __init__(self, constraints: list[_Constraint]) -> None:
-        by_basis: dict[tuple, list[_Constraint]] = defaultdict(list)
-        self._single: list[_Constraint] = []
+    def __init__(self, constraints: list[Constraint]) -> None:
+        by_basis: dict[tuple, list[Constraint]] = defaultdict(list)
+        self._single: list[Constraint] = []
         for c in constraints:
             p = c.target.param
             if c.stored is not None:

@@ -66,18 +66,35 @@ def _p(regex: str) -> re.Pattern[str]:
     return re.compile(regex)
 
 
+# SD3.5's ``transformer_blocks.N.attn2`` (dual attention) is image self-attention at the transformer's root, not a
+# text reader: the UNet rows skip it (a look-ahead for key/value, fixed-width look-behinds for the ``heads`` rows,
+# whose pattern must match only the layer's own suffix)
+_NOT_SD3 = r"^(?!transformer_blocks[._])"
+_SD3_ATTN2_BEHIND = r"(?<!^transformer_blocks.\d.attn2)(?<!^transformer_blocks.\d\d.attn2)"
+
 # Order matters only for error messages; no name matches two rows.
 ROLES: dict[str, Role] = {r.name: r for r in (
     # UNet cross-attention (SD1/2 and SDXL; diffusers, kohya and SAI names all end in attn2[._]to_*)
-    Role("key", _p(r"attn2[._]to_k$"), CONTEXT, "input", "exact", True, ("kv", "attention"), "attn2.to_k"),
-    Role("value", _p(r"attn2[._]to_v$"), CONTEXT, "input", "exact", True, ("kv", "attention"), "attn2.to_v"),
+    Role("key", _p(_NOT_SD3 + r".*attn2[._]to_k$"), CONTEXT, "input", "exact", True,
+         ("kv", "attention"), "attn2.to_k"),
+    Role("value", _p(_NOT_SD3 + r".*attn2[._]to_v$"), CONTEXT, "input", "exact", True,
+         ("kv", "attention"), "attn2.to_v"),
     # SDXL's pooled path: the pooled text embedding fills the first columns of add_embedding's input
     Role("pooled", _p(r"(add_embedding[._]linear_1|label_emb[._]0[._]0)$"), POOLED, "input", "padded", True,
          ("kv", "attention"), "add_embedding.linear_1"),
-    Role("query", _p(r"(?<=attn2)[._]to_q$"), CONTEXT, "output", "heads", False, ("attention",), "attn2.to_q",
-         heads_of="to_k"),
-    Role("out", _p(r"(?<=attn2)[._]to_out[._]0$"), CONTEXT, "input", "heads", False, ("attention",),
-         "attn2.to_out.0", heads_of="to_v"),
+    Role("query", _p(r"(?<=attn2)" + _SD3_ATTN2_BEHIND + r"[._]to_q$"), CONTEXT, "output", "heads", False,
+         ("attention",), "attn2.to_q", heads_of="to_k"),
+    Role("out", _p(r"(?<=attn2)" + _SD3_ATTN2_BEHIND + r"[._]to_out[._]0$"), CONTEXT, "input", "heads", False,
+         ("attention",), "attn2.to_out.0", heads_of="to_v"),
+    # MMDiT (Flux, SD3/3.5): only the entrance reads the encoders. diffusers ``context_embedder`` (Flux: T5; SD3:
+    # CLIP-L ++ CLIP-G zero-padded to T5's width, then T5), sd-scripts Flux ``txt_in``, SD3 ``context_embedder``
+    Role("joint_context", _p(r"(^|[._])(context_embedder|txt_in)$"), CONTEXT, "input", "exact", True,
+         ("kv", "attention"), "context_embedder / txt_in"),
+    # the pooled CLIP vector: diffusers time_text_embed.text_embedder.linear_1, sd-scripts Flux vector_in.in_layer,
+    # sd-scripts SD3 y_embedder.mlp.0
+    Role("joint_pooled", _p(r"(time_text_embed[._]text_embedder[._]linear_1|vector_in[._]in_layer|"
+                             r"y_embedder[._]mlp[._]0)$"), POOLED, "input", "exact", True, ("kv", "attention"),
+         "time_text_embed.text_embedder.linear_1 / vector_in.in_layer"),
 )}
 
 _WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}

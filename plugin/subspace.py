@@ -7,22 +7,17 @@ concepts' directions are removed before the basis is taken.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ._version import __version__
 from .embeddings import concept_rows
 from .encoders import CONTEXT, TextEncoders
-from .errors import SafetensorsFileError, SubspaceError
-from .preset import Preset, parse_preset
-from .safeio import read_safetensors, write_safetensors
-
-FORMAT = "concept-exclusion-subspace/1"
-
+from .codec import read_file, record_of, write_file
+from .errors import SubspaceError
+from .preset import Preset
 
 def orthonormal_basis(rows: torch.Tensor, energy: float, max_rank: int) -> tuple[torch.Tensor, float]:
     """Top right-singular vectors of ``rows`` keeping ``energy`` of its squared norm (at most ``max_rank``).
@@ -167,43 +162,12 @@ class ConceptSubspace:
             h.update(self.bases[space].numpy().tobytes())
         return h.hexdigest()
 
-    # persistence -----------------------------------------------------------------------------
+    # persistence (concept_exclusion.codec) ---------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the bases as float64 safetensors with a description in the metadata (atomically)."""
-        meta = {
-            "format": FORMAT, "version": __version__, "encoder": self.encoder,
-            "clip_skip": "" if self.clip_skip is None else str(self.clip_skip),
-            "spaces": json.dumps({s: {"dim": self.dim(s), "rank": self.rank(s),
-                                      "energy_kept": self.energy_kept.get(s)} for s in sorted(self.bases)}),
-            "preset_name": self.preset.name if self.preset else "",
-            "preset_sha256": self.preset.sha256 if self.preset else "",
-            "preset_toml": self.preset.toml_text if self.preset else "",
-        }
-        write_safetensors(path, {f"basis.{s}": u for s, u in self.bases.items()}, meta)
+        write_file(path, record_of(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptSubspace":
-        tensors, meta = read_safetensors(path)
-        if meta.get("format") != FORMAT:
-            raise SafetensorsFileError(f"{path}: not a concept subspace file (metadata 'format' is "
-                                       f"{meta.get('format')!r}, expected {FORMAT!r})")
-        bases = {k[len("basis."):]: v for k, v in tensors.items() if k.startswith("basis.")}
-        if CONTEXT not in bases:
-            raise SafetensorsFileError(f"{path}: no 'basis.context' tensor")
-        for space, u in bases.items():
-            if u.ndim != 2 or u.dtype != torch.float64:
-                raise SafetensorsFileError(f"{path}: tensor 'basis.{space}' must be a float64 matrix, "
-                                           f"got {u.dtype} {list(u.shape)}")
-            gram = u.T @ u
-            if not torch.allclose(gram, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-8):
-                raise SafetensorsFileError(f"{path}: tensor 'basis.{space}' does not have orthonormal columns")
-        preset = parse_preset(meta["preset_toml"], source=f"{path}:preset_toml") if meta.get("preset_toml") else None
-        if preset is not None and preset.sha256 != meta.get("preset_sha256"):
-            raise SafetensorsFileError(f"{path}: embedded preset does not match its recorded sha256")
-        try:
-            spaces = json.loads(meta.get("spaces", "{}"))
-            kept = {s: float(v["energy_kept"]) for s, v in spaces.items() if v.get("energy_kept") is not None}
-        except (ValueError, TypeError, AttributeError, KeyError):
-            raise SafetensorsFileError(f"{path}: metadata 'spaces' is malformed") from None
-        clip_skip = int(meta["clip_skip"]) if meta.get("clip_skip", "").isdigit() else None
-        return cls(bases, preset, meta.get("encoder", "unknown"), clip_skip, kept)
+        """Read a file ``save`` wrote; ``SafetensorsFileError`` when it is not one, or is damaged."""
+        return cls(**vars(read_file(path)))

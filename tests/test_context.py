@@ -101,7 +101,7 @@ def test_sdxl_pooled_input_projected_on_its_columns_only(sdxl):
     unet.add_embedding.linear_1.requires_grad_(True)
     sub = ConceptSubspace.from_text_encoders(make_preset(), sdxl.tokenizers, sdxl.text_encoders)
     ex = ConceptExclusion.attach(unet, sub, project_context=True)
-    assert any("add_embedding" in name for name in ex._context.readers)
+    assert any("add_embedding" in name for name in ex.context.readers)
     seen = []
     unet.add_embedding.linear_1.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     pooled = torch.randn(2, 32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from concept_exclusion.projector import WeightProjector, _Constraint, _grad_hook, project
+from concept_exclusion.projector import WeightProjector, Constraint, _grad_hook, project
 from concept_exclusion.targets import Target
 
 
@@ -80,7 +80,7 @@ def test_weight_projector_batches_lora_factors_like_the_reference():
     params = [torch.nn.Parameter(torch.randn(4, 16)) for _ in range(3)]
     ref = [project(p.detach().double(), u, "input") for p in params]
     targets = [Target(f"t{i}", "key", "lora", "input", p, None, u) for i, p in enumerate(params)]
-    WeightProjector([_Constraint(t, u.float(), None) for t in targets])()
+    WeightProjector([Constraint(t, u.float(), None) for t in targets])()
     for p, r in zip(params, ref):
         assert torch.allclose(p.double(), r, atol=1e-5)
         assert float((p.detach().double() @ u).abs().max()) < 1e-5

@@ -118,19 +118,19 @@ def test_output_side_targets_are_refused_when_sharded(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from concept_exclusion.projector import _Constraint
+    from concept_exclusion.projector import Constraint
     from concept_exclusion.targets import Target
 
     mesh = init_device_mesh("cpu", (1,))
     w = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
     basis = torch.linalg.qr(torch.randn(8, 2, dtype=torch.float64))[0]
     assert is_sharded(w) and local_tensor(w).shape == (8, 4)
-    out_side = _Constraint(Target("x.attn2.to_q", "query", "full", "output", w, None, basis), basis.float(), None)
+    out_side = Constraint(Target("x.attn2.to_q", "query", "full", "output", w, None, basis), basis.float(), None)
     with pytest.raises(TargetError, match="output side"):
         check_sharded([out_side])
     cols = nn.Parameter(distribute_tensor(torch.randn(4, 8), mesh, [Shard(1)]))
     basis_in = torch.linalg.qr(torch.randn(8, 2, dtype=torch.float64))[0]
-    col_sharded = _Constraint(Target("x.attn2.to_k", "key", "full", "input", cols, None, basis_in),
+    col_sharded = Constraint(Target("x.attn2.to_k", "key", "full", "input", cols, None, basis_in),
                               basis_in.float(), None)
     with pytest.raises(TargetError, match="dim 0"):
         check_sharded([col_sharded])
@@ -179,7 +179,7 @@ def test_sharded_projection_in_process(one_rank_group):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from concept_exclusion.distributed import ShardedGradientProjector, ShardedWeightProjector
-    from concept_exclusion.projector import _Constraint, constraint_value
+    from concept_exclusion.projector import Constraint, constraint_value
     from concept_exclusion.targets import Target
 
     mesh = init_device_mesh("cpu", (1,))
@@ -188,7 +188,7 @@ def test_sharded_projection_in_process(one_rank_group):
     basis64 = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64))[0]
     basis = basis64.float()
     stored = constraint_value(local_tensor(w), basis, "input")
-    c = _Constraint(Target("b.attn2.to_k", "key", "full", "input", w, None, basis64), basis, stored)
+    c = Constraint(Target("b.attn2.to_k", "key", "full", "input", w, None, basis64), basis, stored)
     grads = ShardedGradientProjector([c], 1.0)
     g = torch.randn(6, 8)
     g[2, 5] = float("inf")
@@ -204,7 +204,7 @@ def test_sharded_projection_in_process(one_rank_group):
         local_tensor(w).add_(torch.randn(6, 8))  # an unconstrained update, as an optimizer step would make
     ShardedWeightProjector([c])()
     assert float(((local_tensor(w).detach() - w0) @ basis).abs().max()) <= 1e-5
-    grads.remove()
+    grads.detach()
     w.grad = None
     (w * distribute_tensor(g, mesh, [Shard(0)])).sum().backward()
     after = local_tensor(w.grad)  # hooks removed: the raw gradient, untouched

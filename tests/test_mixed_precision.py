@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
-from concept_exclusion.projector import WeightProjector, _Constraint, project
+from concept_exclusion.projector import WeightProjector, Constraint, project
 from concept_exclusion.targets import Target
 
 from conftest import make_preset
@@ -71,7 +71,7 @@ def test_batched_group_isolates_nonfinite_member():
     torch.manual_seed(0)
     basis = _subspace().basis().float()
     params = [nn.Parameter(torch.randn(4, DIM)) for _ in range(4)]
-    constraints = [_Constraint(Target(f"l{i}.attn2.to_k", "key", "lora", "input", p, None, basis.double()), basis,
+    constraints = [Constraint(Target(f"l{i}.attn2.to_k", "key", "lora", "input", p, None, basis.double()), basis,
                                None) for i, p in enumerate(params)]
     projector = WeightProjector(constraints)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
-from concept_exclusion.projector import GradientProjector, WeightProjector, _Constraint, project_grad
+from concept_exclusion.projector import GradientProjector, WeightProjector, Constraint, project_grad
 from concept_exclusion.targets import Target
 
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "item", "equal", "allclose",
@@ -141,10 +141,10 @@ def test_hot_path_runs_on_meta_tensors(side, dtype):
     basis = _basis(24, 5, device).float()
     shapes = [(4, 24), (8, 24), (16, 24)] if side == "input" else [(24, 4), (24, 8), (24, 16)]
     params = [torch.nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for s in shapes]
-    lora = [_Constraint(Target(f"l{i}", "key", "lora", side, p, None, None), basis, None)
+    lora = [Constraint(Target(f"l{i}", "key", "lora", side, p, None, None), basis, None)
             for i, p in enumerate(params[:2])]
     stored = torch.empty((16, 5) if side == "input" else (5, 16), device=device)
-    full = _Constraint(Target("w", "key", "full", side, params[2], None, None), basis, stored)
+    full = Constraint(Target("w", "key", "full", side, params[2], None, None), basis, stored)
     with HostSyncGuard() as guard:
         GradientProjector(lora + [full], 0.5)  # registering hooks is not the hot path, but costs nothing
         for p in params:

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
 from concept_exclusion import projector
-from concept_exclusion.projector import WeightProjector, _Constraint, project, project_grad
+from concept_exclusion.projector import WeightProjector, Constraint, project, project_grad
 from concept_exclusion.targets import Target
 
 
@@ -46,7 +46,7 @@ def _constraints(shapes, side, basis, dtype=torch.float32, shared=True):
     for i, s in enumerate(shapes):
         p = torch.nn.Parameter(torch.randn(s).to(dtype))
         b = basis if shared else basis.clone()
-        out.append(_Constraint(Target(f"t{i}", "key", "lora", side, p, None, basis.double()), b, None))
+        out.append(Constraint(Target(f"t{i}", "key", "lora", side, p, None, basis.double()), b, None))
     return out
 
 
@@ -88,7 +88,7 @@ def test_full_weight_is_restored_to_its_stored_value_in_place():
     u = _basis(16, 4, seed=2).float()
     w = torch.nn.Parameter(torch.randn(8, 16))
     stored = w.detach() @ u
-    c = _Constraint(Target("w", "key", "full", "input", w, None, u.double()), u, stored)
+    c = Constraint(Target("w", "key", "full", "input", w, None, u.double()), u, stored)
     with torch.no_grad():
         w.add_(torch.randn(8, 16))
     ptr = w.data_ptr()

@@ -1,0 +1,115 @@
+"""Hooks attach and detach symmetrically: after detach nothing of the exclusion runs and every flag says so;
+re-encoding is detach + attach of the hooks that hold bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from concept_exclusion import ConceptExclusion, ConceptSubspace, TargetError
+from concept_exclusion.hooks import Hook, Hooks, OptimizerPostStep
+from concept_exclusion.metadata import PREFIX
+
+from conftest import make_preset
+from test_core_invariant import _context, _peft_unet
+
+
+class Counting(Hook):
+    def __init__(self, param: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.param, self.calls = param, 0
+
+    def _install(self) -> list:
+        def hook(grad):
+            self.calls += 1
+
+        return [self.param.register_hook(hook)]
+
+
+def _backward(p):
+    (p * torch.ones_like(p)).sum().backward()
+
+
+def test_hook_attach_detach_is_symmetric_and_idempotent():
+    p = torch.nn.Parameter(torch.zeros(3))
+    h = Counting(p)
+    assert not h.attached and h.handles == 0
+    h.attach().attach()  # a second attach installs nothing more
+    _backward(p)
+    assert h.attached and h.handles == 1 and h.calls == 1
+    h.detach()
+    h.detach()
+    _backward(p)
+    assert not h.attached and h.handles == 0 and h.calls == 1
+    h.attach()
+    _backward(p)
+    assert h.calls == 2
+
+
+def test_hooks_replace_and_detach_in_reverse():
+    p = torch.nn.Parameter(torch.zeros(3))
+    hooks = Hooks()
+    a, b = Counting(p), Counting(p)
+    hooks.add("a", a)
+    hooks.add("a", b)  # replacing detaches the old one
+    assert not a.attached and b.attached and hooks.attached
+    hooks.detach()
+    assert not hooks.attached and hooks.get("a") is b
+    hooks.attach()
+    assert b.attached
+    hooks.remove("a")
+    assert hooks.get("a") is None and not b.attached
+
+
+def test_optimizer_post_step_hook():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    seen = []
+    hook = OptimizerPostStep(opt, lambda: seen.append(1)).attach()
+    p.grad = torch.ones(2)
+    opt.step()
+    hook.detach()
+    opt.step()
+    assert seen == [1] and not opt._optimizer_step_post_hooks
+    with pytest.raises(TargetError, match="register_step_post_hook"):
+        OptimizerPostStep(object(), lambda: None)
+
+
+def test_detach_leaves_nothing_attached(sd):
+    unet = sd.unet()  # full weights: every gradient is non-zero
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
+    sub = ConceptSubspace.from_text_encoder(make_preset(targets='["attention"]'), sd.tokenizer, sd.text_encoder)
+    ex = ConceptExclusion.attach(unet, sub, optimizer=opt, project_context=True)
+    assert ex.attached and ex.project_context
+    assert {name for name, h in ex.hooks if h.attached} == {"gradient", "distributed", "context", "optimizer"}
+    readers = [m for m in unet.modules() if m._forward_pre_hooks]
+    assert readers and opt._optimizer_step_post_hooks
+    ex.detach()
+    assert not ex.attached and not ex.project_context and not ex.context.attached
+    assert all(not h.attached and h.handles == 0 for _, h in ex.hooks)
+    assert not any(m._forward_pre_hooks for m in unet.modules()) and not opt._optimizer_step_post_hooks
+    # gradients flow unprojected, and the file written afterwards still records how it was trained
+    key = next(t.param for t in ex.targets if t.role == "key")
+    unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), encoder_hidden_states=_context(sd)).sample.sum().backward()
+    assert float((key.grad @ ex.subspace.basis().float()).abs().max()) > 1e-6
+    assert ex.metadata()[PREFIX + "project_context"] == "true"
+
+
+def test_reencoding_is_detach_then_attach(sd):
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(sd.root / "text_encoder").requires_grad_(True)
+    sub = ConceptSubspace.from_text_encoder(make_preset(), sd.tokenizer, te)
+    unet = _peft_unet(sd)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad] + list(te.parameters()), lr=1e-2)
+    ex = ConceptExclusion.attach(unet, sub, optimizer=opt, text_encoder=te, allow_text_encoder_training=True,
+                                 reencode_every=1, project_context=True)
+    before = {name: (h, h.handles) for name, h in ex.hooks}
+    ids = sd.tokenizer(["a photo of zorblax logo"] * 2, padding="max_length", return_tensors="pt").input_ids
+    unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 10]),
+         encoder_hidden_states=te(ids).last_hidden_state).sample.pow(2).mean().backward()
+    opt.step()
+    assert ex.steps == 1 and ex.subspace is not sub and ex.context.subspace is ex.subspace
+    assert {name: (h, h.handles) for name, h in ex.hooks} == before  # the same hooks, attached again
+    ex.detach()
+    assert not ex.attached
