@@ -15,7 +15,8 @@ READERS = ["context_embedder", "time_text_embed.text_embedder.linear_1"]
 def flux_inputs(batch: int, channels: int = 16, side: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """Packed latents, ids, timestep and target of a Flux training pass (text states are added by the caller)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij"), -1)
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij")
+    ids = torch.stack(grid, -1)
     return {"hidden_states": torch.randn(batch, side * side, channels, generator=g),
             "img_ids": ids.reshape(-1, 3), "timestep": torch.rand(batch, generator=g),
             "target": torch.randn(batch, side * side, channels, generator=g)}
