@@ -76,13 +76,15 @@ def _open(path: Path):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise ConceptExclusionError(f"{path}: image is too large ({str(exc)[:120]})") from None
+        raise ConceptExclusionError(f"{path}: image is too large ({str(exc)[:80]}); at most {MAX_PIXELS} pixels "
+                                    f"are read") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ConceptExclusionError(f"{path}: cannot read image ({str(exc)[:200] or type(exc).__name__})") from None
     width, height = im.size
     if width < 1 or height < 1 or width * height > MAX_PIXELS:
         im.close()
-        raise ConceptExclusionError(f"{path}: image is {width}x{height}; at most {MAX_PIXELS} pixels are read")
+        raise ConceptExclusionError(f"{path}: image is too large ({width}x{height}); at most {MAX_PIXELS} pixels "
+                                    f"are read")
     return im
 
 

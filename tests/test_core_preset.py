@@ -122,3 +122,36 @@ def test_shipped_presets_load_by_name_and_path():
         p = load_preset(name)
         assert p.name == name
         assert p.sha256 == parse_preset(p.toml_text).sha256
+
+
+def _with_prompts(n: int, templates: int = 1, preserve: int = 0) -> str:
+    prompts = ", ".join(f'"p{i}"' for i in range(n))
+    tpl = ", ".join(f'"{{}} {i}"' for i in range(templates))
+    text = (f'[preset]\nname = "big"\nversion = "1"\ndescription = "d"\n\n[[concepts]]\nname = "c"\n'
+            f"prompts = [{prompts}]\ntemplates = [{tpl}]\n")
+    if preserve:
+        text += f'\n[[preserve]]\nname = "keep"\nprompts = [{", ".join(f"{chr(34)}k{i}{chr(34)}" for i in range(preserve))}]\n'
+    return text
+
+
+def test_size_is_capped_with_a_clear_error(tmp_path):
+    """prompts x templates (concepts and preserve together) at most MAX_TEXTS; the file at most MAX_PRESET_BYTES."""
+    from concept_exclusion.preset import MAX_PRESET_BYTES, MAX_TEXTS
+
+    assert len(parse_preset(_with_prompts(MAX_TEXTS)).concepts[0].prompts) == MAX_TEXTS
+    with pytest.raises(PresetError, match=rf"{MAX_TEXTS + 2} prompt x template combinations"):
+        parse_preset(_with_prompts(MAX_TEXTS // 2 + 1, templates=2))
+    with pytest.raises(PresetError, match="combinations"):  # preserve prompts count too (5 default templates)
+        parse_preset(_with_prompts(MAX_TEXTS - 1, preserve=1))
+    big = tmp_path / "big.toml"
+    big.write_text(_with_prompts(1) + "#" * MAX_PRESET_BYTES)
+    with pytest.raises(PresetError, match="larger than"):
+        load_preset(big)
+
+
+@pytest.mark.parametrize("text,needle", [("a = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                         ("a = " + "9" * 5000, "invalid TOML"),
+                                         ("a = {" * 50_000 + "}" * 50_000, "invalid TOML")])
+def test_nesting_and_huge_integers_are_preset_errors(text, needle):
+    with pytest.raises(PresetError, match=needle):
+        parse_preset(text)
