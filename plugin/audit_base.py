@@ -136,7 +136,8 @@ def _single_file(path: Path, base_config: str | Path | None):
     xl = any(k.startswith("conditioner.embedders.1") for k in names)
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     try:
-        pipe = cls.from_single_file(str(path), config=str(base_config), local_files_only=True)
+        extra = {} if xl else {"safety_checker": None, "feature_extractor": None}  # never loaded from the config
+        pipe = cls.from_single_file(str(path), config=str(base_config), local_files_only=True, **extra)
     except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
         raise AuditError(f"--base {path}: cannot load the checkpoint ({_first_line(exc)})") from None
     toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if xl else [])

@@ -24,6 +24,7 @@ from .lora_keys import KeyInfo, is_text_encoder, parse_key
 from .safeio import read_safetensors
 from .sdxl_names import sai_to_diffusers
 
+MAX_DELTA_ELEMENTS = 2 ** 28  # the largest weight change formed (Flux's context_embedder is 3072 x 4096 = 2 ** 23.6)
 _LAYOUT_ORDER = ("kohya", "diffusers-old", "diffusers", "peft", "lycoris")
 _LAYOUT_NAMES = {"diffusers-old": "diffusers"}
 _UNMEASURABLE = {
@@ -178,6 +179,13 @@ def _matrix(t: torch.Tensor, key: str, path: Path) -> torch.Tensor:
     return t
 
 
+def _fits(path: Path, module: str, rows: int, cols: int) -> None:
+    """Refuse, in one line, a change whose factors multiply out to more than ``MAX_DELTA_ELEMENTS``."""
+    if rows * cols > MAX_DELTA_ELEMENTS:
+        raise LoraFileError(f"{path}: layer {module!r} would form a {rows} x {cols} change, larger than any model "
+                            f"layer this audit reads")
+
+
 def _scalar(t: torch.Tensor, key: str, path: Path) -> float:
     if t.numel() != 1 or not torch.isfinite(t.double()).all():
         raise LoraFileError(f"{path}: tensor {key!r} must hold one finite value, got shape {list(t.shape)}")
@@ -224,10 +232,12 @@ def effective_delta(lora: LoraFile, adapter: Adapter, w0: torch.Tensor | None) -
         if up.shape[1] != down.shape[0]:
             raise LoraFileError(f"{path}: layer {adapter.module!r}: up {list(up.shape)} and down "
                                 f"{list(down.shape)} do not chain")
+        _fits(path, adapter.module, up.shape[0], down.shape[1])
         scale, known = _scale(lora, adapter, int(parts["down"].shape[0]))
         delta, kind = scale * (up @ down), "lora"
     elif {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= names:
         scale, known = _scale(lora, adapter, int(parts["hada_w1_b"].shape[0]))
+        _fits(path, adapter.module, int(parts["hada_w1_a"].shape[0]), int(parts["hada_w1_b"].shape[-1]))
         w1, w2 = get("hada_w1_a") @ get("hada_w1_b"), get("hada_w2_a") @ get("hada_w2_b")
         if w1.shape != w2.shape:
             raise LoraFileError(f"{path}: LoHa layer {adapter.module!r}: factors {list(w1.shape)} and "
@@ -259,6 +269,7 @@ def _lokr(lora: LoraFile, adapter: Adapter, get) -> tuple[torch.Tensor | None, s
         get("lokr_w2_a") @ get("lokr_w2_b") if {"lokr_w2_a", "lokr_w2_b"} <= names else None)
     if w1 is None or w2 is None:
         return None, "lokr", 1.0, False
+    _fits(lora.path, adapter.module, w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
     rank_part = "lokr_w2_b" if "lokr_w2_b" in names else ("lokr_w1_b" if "lokr_w1_b" in names else None)
     if rank_part is None:  # full factors: LyCORIS applies alpha only to decomposed ones
         return torch.kron(w1, w2), "lokr", 1.0, True

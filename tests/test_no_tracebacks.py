@@ -160,3 +160,13 @@ def test_closed_pipe_prints_no_traceback(tmp_path):
     rc = proc.wait(timeout=120)
     assert first.strip() == b"{"
     assert rc == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_factors_that_multiply_out_too_large_are_refused(tmp_path, capsys):
+    """up [100000, 1] @ down [1, 100000] would be 10^10 float64 values: one line, not a MemoryError."""
+    path = tmp_path / "huge.safetensors"
+    write_safetensors(path, {f"{K}.lora_down.weight": torch.zeros(1, 100_000),
+                             f"{K}.lora_up.weight": torch.zeros(100_000, 1)}, {})
+    rc, out, err = _run(capsys, "audit", path)
+    _one_line(rc, err)
+    assert "larger than any model layer" in err[0]
