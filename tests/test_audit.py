@@ -335,3 +335,23 @@ def test_lycoris_factorisations_form_their_delta(tmp_path):
     for key, delta in expected.items():
         assert torch.allclose(formed[key].delta, delta.double(), rtol=1e-6, atol=1e-6), key
     assert formed["k"].kind == "loha" and formed["v"].kind == "lokr" and formed["q"].kind == "full"
+
+
+def test_tucker_middle_and_dora_form_their_effective_change(tmp_path):
+    """lora_mid (LyCORIS Tucker, 1x1) chains as up @ mid @ down; DoRA needs the base weight and rescales it."""
+    torch.manual_seed(2)
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+    down, mid, up = torch.randn(4, 32), torch.randn(4, 4, 1, 1), torch.randn(16, 4)
+    w0 = torch.randn(16, 32, dtype=torch.float64)
+    magnitude = torch.rand(16, 1) + 0.5
+    write_safetensors(tmp_path / "t.safetensors", {f"{name}.lora_down.weight": down, f"{name}.lora_mid.weight": mid,
+                                                   f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0),
+                                                   f"{name}.dora_scale": magnitude}, {})
+    lora = read_lora(tmp_path / "t.safetensors")
+    (adapter,) = lora.adapters
+    assert effective_delta(lora, adapter, None).delta is None  # DoRA without the base: not formed, with a reason
+    formed = effective_delta(lora, adapter, w0)
+    plain = (up.double() @ mid[:, :, 0, 0].double() @ down.double()) * (2.0 / 4)
+    merged = w0 + plain
+    expected = magnitude.double() * merged / merged.norm(dim=1, keepdim=True) - w0
+    assert formed.kind == "dora-lora" and torch.allclose(formed.delta, expected, atol=1e-10)
