@@ -254,6 +254,8 @@ def effective_delta(lora: LoraFile, adapter: Adapter, w0: torch.Tensor | None) -
     else:
         return Formed(None, "incomplete", f"incomplete adapter (only {', '.join(sorted(names))})")
     extra = lora.aux.get(adapter.module, {})
+    if "rescale" in extra:  # OFT's output rescaling: which loaders apply it to other adapters is not settled
+        return Formed(None, kind, "an OFT rescale tensor: formula not implemented")
     if "scalar" in extra:
         delta = delta * _scalar(extra["scalar"], f"{adapter.module}.scalar", path)
     if "dora_scale" in extra or "magnitude" in extra:

@@ -35,13 +35,6 @@ _PART_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), 
      r"|scalar)$", None),
     (r"\.(a1|a2|b1|b2)\.weight$", None),  # GLoRA
 ))
-# parts whose effect the audit can form (the rest are recognised but their formula is not implemented)
-KNOWN_PARTS = frozenset({"down", "up", "up_bias", "mid", "magnitude", "alpha", "dora_scale", "hada_w1_a",
-                         "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
-                         "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2", "diff", "diff_b",
-                         "oft_blocks", "oft_diag", "oft_R", "rescale", "w_norm", "b_norm", "scalar", "a1", "a2",
-                         "b1", "b2"})
-
 AUXILIARY_PARTS = frozenset({"alpha", "dora_scale", "magnitude", "rescale", "scalar"})
 
 # prefixes naming the denoiser (UNet or transformer) and the text encoders, in every spelling
