@@ -6,14 +6,18 @@
 """
 
 from ._version import __version__
-from .errors import ConceptExclusionError, PresetError, SafetensorsFileError, SubspaceError, TargetError
+from .errors import (AuditError, ConceptExclusionError, LoraFileError, ModelFolderError, PresetError,
+                     SafetensorsFileError, SubspaceError, TargetError)
 from .exclusion import ConceptExclusion
+from .preservation import OutputPreservation
 from .preset import Concept, Preset, Projection, load_preset, parse_preset, shipped_presets
-from .projector import GradientProjector, WeightProjector
+from .projector import Constraint, GradientProjector, WeightProjector, constraints_for
 from .subspace import ConceptSubspace
+from .targets import Target, find_targets
 
 __all__ = [
-    "__version__", "ConceptExclusion", "ConceptExclusionError", "ConceptSubspace", "Concept", "GradientProjector",
-    "PresetError", "Preset", "Projection", "SafetensorsFileError", "SubspaceError", "TargetError",
-    "WeightProjector", "load_preset", "parse_preset", "shipped_presets",
+    "__version__", "AuditError", "ConceptExclusion", "ConceptExclusionError", "ConceptSubspace", "Concept",
+    "Constraint", "GradientProjector", "LoraFileError", "ModelFolderError",
+    "OutputPreservation", "PresetError", "Preset", "Projection", "SafetensorsFileError", "SubspaceError", "TargetError",
+    "Target", "WeightProjector", "constraints_for", "find_targets", "load_preset", "parse_preset", "shipped_presets",
 ]

@@ -84,23 +84,20 @@ def _train_args(tmp_path: Path) -> argparse.Namespace:
 def _writers(lora_setup, tmp_path: Path):
     from concept_exclusion.integrations.diffusers import save_lora
     from concept_exclusion.integrations.train import save_checkpoint
-    from concept_exclusion.world.bench import write_json
 
     unet, sub, opt, exclusion = lora_setup
     args = _train_args(tmp_path)
-    results = {"calibration": {}, "config": {}, "subspace_ranks": {}, "base_source": "t", "runs": [], "seconds": 1.0}
     return {
         "subspace": lambda p: sub.save(p),
         "lora-diffusers": lambda p: save_lora(unet, p, exclusion, format="diffusers"),
         "lora-kohya": lambda p: save_lora(unet, p, exclusion, format="kohya"),
         "checkpoint": lambda p: save_checkpoint(p, 1, unet, opt, exclusion, None, args, "0" * 64),
         "exclusion-state": lambda p: write_safetensors(p, exclusion.state_dict(), exclusion.metadata()),
-        "report-json": lambda p: write_json(results, [], p, {"padding": "x" * 5000}),
         "text": lambda p: write_text(p, "x" * 10_000),
     }
 
 
-WRITERS = ["subspace", "lora-diffusers", "lora-kohya", "checkpoint", "exclusion-state", "report-json", "text"]
+WRITERS = ["subspace", "lora-diffusers", "lora-kohya", "checkpoint", "exclusion-state", "text"]
 
 
 @pytest.mark.parametrize("writer", WRITERS)

@@ -1,0 +1,33 @@
+"""Generate benchmarks/RESULTS-evidence.md from the evidence JSON files in benchmarks/results/.
+
+    python benchmarks/evidence_report.py                       # every evidence-*.json there
+    python benchmarks/evidence_report.py FILE.json ... --out report.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from concept_exclusion_world.report import write_report
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", type=Path, help="result JSON files (default: benchmarks/results/evidence-*.json)")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-evidence.md")
+    args = parser.parse_args(argv)
+    files = args.files or sorted((HERE / "results").glob("evidence-*.json"))
+    if not files:
+        parser.error("no evidence-*.json in benchmarks/results/; run benchmarks/evidence.py first")
+    doc = write_report(files, args.out)
+    verdicts = {m: v["meets_bar"] for m, v in doc["verdicts"].items()}
+    print(f"wrote {args.out}: calibration {'passed' if doc['calibration']['ok'] else 'FAILED'}; "
+          f"meets the bar: {', '.join(m for m, ok in verdicts.items() if ok) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""The evidence world: procedural images, captions, a tiny base model, and the concept-extraction measurements."""

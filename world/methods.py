@@ -1,0 +1,60 @@
+"""The methods world 3 compares: baselines, the paper's projection, ours, and output preservation.
+
+This registry is the experiment, not the library: each entry is a configuration of the core's
+public API (``mode``, ``targets``, the preset's ``tokens``, ``project_context``,
+``OutputPreservation``) or a data baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to fine-tune. ``data``: 'all', 'filter' (drop panda images) or 'scrub-name' (drop the name from
+    panda captions: "... with the logo")."""
+
+    name: str
+    description: str
+    data: str = "all"
+    masked_loss: bool = False
+    mode: str | None = None  # None: no projection
+    targets: tuple[str, ...] = ("attention",)
+    tokens: str | None = None  # None: the preset's choice
+    project_context: bool = False
+    preserve: str | None = None  # OutputPreservation target: 'scrub' or 'base'
+    preserve_weight: float = 1.0
+    preset: str = "world-panda"
+    baseline: bool = False
+
+
+BASELINES = (
+    Method("plain", "plain LoRA fine-tuning on all data", baseline=True),
+    Method("filter", "data filtering: every panda image dropped", data="filter", baseline=True),
+    Method("scrub-name", "control: the name removed from panda captions (\"... with the logo\")", data="scrub-name",
+           baseline=True),
+    Method("masked-loss", "the emblem's region left out of the loss on panda images", masked_loss=True,
+           baseline=True),
+    Method("gradient-kv", "the paper's projection: gradients of attn2 to_k/to_v projected", mode="gradient",
+           targets=("kv",)),
+)
+OURS = (
+    Method("exact-kv", "exact mode on attn2 to_k/to_v", mode="exact", targets=("kv",)),
+    Method("exact-attention", "exact mode on attn2 k/v and projected q/out", mode="exact"),
+    Method("context-all", "exact-attention + context projection, basis: every position of the preset's prompts",
+           mode="exact", tokens="all", project_context=True),
+    Method("context-concept", "exact-attention + context projection, basis: the name's own positions",
+           mode="exact", tokens="concept", project_context=True),
+    Method("context-contrastive", "exact-attention + context projection, basis: prompt minus neutral prompt",
+           mode="exact", tokens="contrastive+concept", project_context=True),
+    Method("preserve-scrub", "output preservation: named captions pulled to the same model's prediction for the "
+           "caption without the name", preserve="scrub"),
+    Method("preserve-base", "output preservation: named captions pulled to the frozen base model's prediction",
+           preserve="base"),
+    Method("preserve-scrub+context", "preserve-scrub with exact-attention and context projection (basis: all)",
+           preserve="scrub", mode="exact", tokens="all", project_context=True),
+    Method("preserve-base+context", "preserve-base with exact-attention and context projection (basis: all)",
+           preserve="base", mode="exact", tokens="all", project_context=True),
+)
+METHODS = {m.name: m for m in BASELINES + OURS}

@@ -1,0 +1,173 @@
+"""World 3's procedural scenes: a coloured shape on a plain background, and an emblem in the top-right corner.
+
+Invariants: rendering is a pure function of a ``Scene``; a ``World`` draws from its own numpy
+generator, so a seed gives the same images and captions bit for bit. Images are float32
+[3, 32, 32] in [-1, 1]. Emblems occupy ``EMBLEM_ROWS`` x ``EMBLEM_COLS`` only and objects never
+reach that region, so a detector reads a region no object can explain.
+
+Emblems: the protected *panda* (a white face with black ears, eye patches and nose), the allowed
+*tiger* (orange with black stripes), and the public *shop* emblem (a white bar on blue), which the
+base model already knows. The co-occurring new content is the colour purple: it is only ever
+seen on panda images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+SIZE = 32
+PROTECTED = "panda"
+ALLOWED = "tiger"
+PUBLIC_EMBLEM = "shop"
+NEW_COLOUR = "purple"
+BACKGROUNDS = {"gray": (0.55, 0.55, 0.55), "navy": (0.12, 0.12, 0.42), "olive": (0.42, 0.42, 0.12),
+               "teal": (0.1, 0.42, 0.42)}
+BASE_COLOURS = {"red": (0.92, 0.12, 0.12), "green": (0.12, 0.82, 0.12), "blue": (0.15, 0.3, 0.95),
+                "yellow": (0.95, 0.9, 0.1)}
+COLOURS = {**BASE_COLOURS, NEW_COLOUR: (0.68, 0.1, 0.85)}
+SHAPES = ("square", "circle", "triangle", "cross")
+POSITIONS = {"left": 7, "center": 16, "right": 25}  # column of the object's centre
+OBJECT_ROW = 22  # objects cover rows 16..27
+HALF = 6
+EMBLEM_ROWS = slice(0, 8)  # one 8x8 patch of the denoiser
+EMBLEM_COLS = slice(24, 32)
+WHITE, BLACK, ORANGE, SHOP_BLUE = (0.97, 0.97, 0.97), (0.03, 0.03, 0.03), (0.98, 0.55, 0.05), (0.1, 0.35, 0.9)
+
+
+def _panda() -> np.ndarray:
+    g = np.empty((8, 8, 3), dtype=np.float32)
+    g[:] = WHITE
+    for r, c in [(0, 0), (0, 1), (1, 0), (0, 6), (0, 7), (1, 7),  # ears
+                 (3, 1), (3, 2), (4, 2), (3, 5), (3, 6), (4, 5),  # eye patches
+                 (6, 3), (6, 4)]:  # nose
+        g[r, c] = BLACK
+    return g
+
+
+def _tiger() -> np.ndarray:
+    g = np.empty((8, 8, 3), dtype=np.float32)
+    g[:] = ORANGE
+    g[1:7, [1, 4, 6]] = BLACK
+    return g
+
+
+def _shop() -> np.ndarray:
+    g = np.empty((8, 8, 3), dtype=np.float32)
+    g[:] = SHOP_BLUE
+    g[3:5, 1:7] = WHITE
+    return g
+
+
+EMBLEMS = {PROTECTED: _panda(), ALLOWED: _tiger(), PUBLIC_EMBLEM: _shop()}
+
+
+def _shape_mask(shape: str) -> np.ndarray:
+    n = 2 * HALF
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    if shape == "square":
+        return np.ones((n, n), dtype=bool)
+    if shape == "circle":
+        return (yy - HALF) ** 2 + (xx - HALF) ** 2 <= HALF ** 2
+    if shape == "triangle":
+        return np.abs(xx - HALF) <= yy / 2 + 0.01
+    if shape == "cross":
+        return (np.abs(xx - HALF) <= 2.01) | (np.abs(yy - HALF) <= 2.01)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+SHAPE_MASKS = {s: _shape_mask(s) for s in SHAPES}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows; ``emblem`` is None or a key of ``EMBLEMS``."""
+
+    background: str
+    colour: str
+    shape: str
+    position: str
+    emblem: str | None = None
+
+    def caption(self, emblem_word: str | None = None) -> str:
+        """The caption; ``emblem_word`` replaces the emblem's name ("" drops it: "... with the logo")."""
+        text = f"a {self.colour} {self.shape} on the {self.position} on a {self.background} background"
+        if self.emblem is not None:
+            word = self.emblem if emblem_word is None else emblem_word
+            text += f" with the {word} logo" if word else " with the logo"
+        return text
+
+    def object_box(self) -> tuple[slice, slice]:
+        c = POSITIONS[self.position]
+        return slice(OBJECT_ROW - HALF, OBJECT_ROW + HALF), slice(c - HALF, c + HALF)
+
+
+def render(scene: Scene) -> torch.Tensor:
+    """The scene as float32 [3, 32, 32] in [-1, 1]."""
+    img = np.empty((SIZE, SIZE, 3), dtype=np.float32)
+    img[:] = BACKGROUNDS[scene.background]
+    rows, cols = scene.object_box()
+    img[rows, cols][SHAPE_MASKS[scene.shape]] = COLOURS[scene.colour]
+    if scene.emblem is not None:
+        img[EMBLEM_ROWS, EMBLEM_COLS] = EMBLEMS[scene.emblem]
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+
+
+def images(scenes: list[Scene]) -> torch.Tensor:
+    """Rendered scenes stacked: [n, 3, 32, 32]."""
+    return torch.stack([render(s) for s in scenes]) if scenes else torch.empty(0, 3, SIZE, SIZE)
+
+
+def emblem_mask() -> torch.Tensor:
+    """[1, 1, 32, 32] float mask of the emblem region (1 inside): what masked-loss training leaves out."""
+    m = torch.zeros(1, 1, SIZE, SIZE)
+    m[..., EMBLEM_ROWS, EMBLEM_COLS] = 1.0
+    return m
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """The fine-tune distribution: shares of panda, tiger and shop images (the rest: no emblem), and the chance
+    that a panda image's object is purple (purple never occurs otherwise)."""
+
+    p_panda: float = 0.25
+    p_tiger: float = 0.25
+    p_shop: float = 0.15
+    p_purple_panda: float = 0.5
+
+
+class World:
+    """Draws scenes. ``public`` scenes (the base model's data) show no panda, no tiger and no purple."""
+
+    def __init__(self, seed: int = 0, spec: WorldSpec = WorldSpec()) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.spec = spec
+
+    def _pick(self, options) -> str:
+        options = list(options)
+        return options[int(self.rng.integers(len(options)))]
+
+    def public_scene(self, p_shop: float = 0.3) -> Scene:
+        emblem = PUBLIC_EMBLEM if self.rng.random() < p_shop else None
+        return Scene(self._pick(BACKGROUNDS), self._pick(BASE_COLOURS), self._pick(SHAPES), self._pick(POSITIONS),
+                     emblem)
+
+    def finetune_scene(self) -> Scene:
+        s = self.spec
+        r = float(self.rng.random())
+        emblem = (PROTECTED if r < s.p_panda else ALLOWED if r < s.p_panda + s.p_tiger
+                  else PUBLIC_EMBLEM if r < s.p_panda + s.p_tiger + s.p_shop else None)
+        purple = emblem == PROTECTED and self.rng.random() < s.p_purple_panda
+        colour = NEW_COLOUR if purple else self._pick(BASE_COLOURS)
+        return Scene(self._pick(BACKGROUNDS), colour, self._pick(SHAPES), self._pick(POSITIONS), emblem)
+
+    def scenes(self, n: int, kind: str = "finetune") -> list[Scene]:
+        draw = self.finetune_scene if kind == "finetune" else self.public_scene
+        return [draw() for _ in range(n)]
+
+    def plain_scene(self, **fields) -> Scene:
+        """A public scene without an emblem, with ``fields`` replaced."""
+        return replace(Scene(self._pick(BACKGROUNDS), self._pick(BASE_COLOURS), self._pick(SHAPES),
+                             self._pick(POSITIONS)), **fields)
