@@ -103,3 +103,18 @@ def test_text_encoder_lora_is_refused_in_one_line_naming_the_layer(parts, preset
         _run(parts, tmp_path, OURS, [f"concept_preset={preset_file}", f"base_network={STANDIN}"],
              train_text_encoder=True)
     assert "\n" not in str(err.value)
+
+
+def test_sd3_strategy_order_and_sd_scripts_reader_names():
+    from concept_exclusion.integrations.kohya_mmdit import mmdit_strategy
+    from concept_exclusion.roles import role_of
+
+    sd3 = SimpleNamespace(clip_l="L", clip_g="G", t5xxl="T", t5xxl_max_length=256)
+    got = mmdit_strategy(sd3)
+    assert got.tokenizers == ["L", "G", "T"] and got.max_length == 256
+    assert mmdit_strategy(SimpleNamespace(tokenizer1="L", tokenizer2="G")) is None  # SDXL: not ours to read
+    names = {"lora_unet_txt_in": "joint_context", "lora_unet_context_embedder": "joint_context",
+             "lora_unet_vector_in_in_layer": "joint_pooled", "lora_unet_y_embedder_mlp_0": "joint_pooled",
+             "lora_unet_vector_in_out_layer": None, "lora_unet_y_embedder_mlp_2": None,
+             "lora_unet_double_blocks_0_txt_attn_qkv": None, "lora_unet_joint_blocks_0_x_block_attn2_qkv": None}
+    assert {n: role_of(n) for n in names} == names
