@@ -25,8 +25,7 @@ from torch import nn
 
 from .errors import TargetError
 from .dtensor import full_tensor, is_sharded, local_tensor
-from .hooks import Hook
-from .projector import Constraint, WeightProjector, project_grad, project_in_place
+from .projector import Constraint, GradientHooks, WeightProjector, project_grad, project_in_place
 
 __all__ = ["ShardedGradientProjector", "ShardedWeightProjector", "check_sharded", "full_tensor", "is_sharded",
            "local_tensor", "refuse_unsupported_wrappers"]
@@ -78,28 +77,24 @@ def _project_local_grad(basis: torch.Tensor, strength: float) -> Callable[[torch
     return hook
 
 
-class ShardedGradientProjector(Hook):
+class ShardedGradientProjector(GradientHooks):
     """Post-accumulate-grad hooks projecting the sharded (DTensor) targets' gradients on each rank's rows.
 
-    Ordinary targets are ``GradientProjector``'s; this hook refuses (``check_sharded``) what it cannot
-    keep shard-locally, and reads the constraints' bases when it attaches. Attached on construction.
+    Ordinary targets are ``GradientProjector``'s; this refuses (``check_sharded``) what it cannot keep
+    shard-locally before installing anything.
     """
 
-    def __init__(self, constraints: Sequence[Constraint], strength: float) -> None:
-        super().__init__()
+    def __init__(self, constraints: list[Constraint], strength: float) -> None:
         check_sharded(constraints)
-        self.constraints = constraints
-        self.strength = float(strength)
-        self.attach()
+        super().__init__(constraints, strength)  # the very list: re-encoding refreshes it in place
+        if self.handles:
+            log.info("projecting %d FSDP-sharded target(s) shard-locally after the reduce-scatter", self.handles)
 
-    def _install(self) -> list:
-        if self.strength == 0.0:
-            return []
-        sharded = [c for c in self.constraints if is_sharded(c.target.param)]
-        if sharded:
-            log.info("projecting %d FSDP-sharded target(s) shard-locally after the reduce-scatter", len(sharded))
-        return [c.target.param.register_post_accumulate_grad_hook(_project_local_grad(c.basis, self.strength))
-                for c in sharded]
+    def _takes(self, c: Constraint) -> bool:
+        return is_sharded(c.target.param)
+
+    def _hook_one(self, c: Constraint):
+        return c.target.param.register_post_accumulate_grad_hook(_project_local_grad(c.basis, self.strength))
 
 
 class ShardedWeightProjector:

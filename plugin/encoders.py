@@ -97,18 +97,18 @@ class Encoded:
 class TextEncoders:
     """The model's own tokenizer(s) and text encoder(s), in pipeline order, read as its denoiser reads them.
 
-    ``family``: a ``FAMILIES`` name (default: from the encoders; ``dual=True`` means 'sdxl').
+    ``family``: a ``FAMILIES`` name (default: guessed from the encoders, ``family_of``).
     ``max_length``: sequence length of the non-CLIP encoders (default: their tokenizer's
     ``model_max_length``; Flux pipelines use 512, SD3 256).
     """
 
     def __init__(self, tokenizers: Sequence, encoders: Sequence, clip_skip: int | None = None,
-                 dual: bool = False, family: str | None = None, max_length: int | None = None) -> None:
+                 family: str | None = None, max_length: int | None = None) -> None:
         if len(tokenizers) != len(encoders) or not encoders:
             raise SubspaceError(f"need one tokenizer per text encoder, got {len(tokenizers)} and {len(encoders)}")
         if clip_skip is not None and clip_skip < 1:
             raise SubspaceError(f"clip_skip must be 1 or more (1 = last layer), got {clip_skip}")
-        name = family or ("sdxl" if dual else family_of(encoders))
+        name = family or family_of(encoders)
         if name not in FAMILIES:
             raise SubspaceError(f"unknown text-encoder family {name!r} (known: {', '.join(FAMILIES)})")
         self.family = FAMILIES[name]
@@ -116,7 +116,6 @@ class TextEncoders:
             raise SubspaceError(f"the {name} family has {self.family.count} text encoder(s), got {len(encoders)}")
         self.tokenizers = list(tokenizers)
         self.encoders = list(encoders)
-        self.dual = name == "sdxl"
         self.clip_skip = clip_skip if clip_skip is not None else self.family.clip_skip
         readers = [i for seg in self.family.context for i in seg]
         if self.clip_skip not in (None, 1) and not any(is_clip(self.encoders[i]) for i in readers):
@@ -151,9 +150,6 @@ class TextEncoders:
             name = getattr(enc.config, "_name_or_path", "") or "unnamed"
             parts.append(f"{type(enc).__name__}:{name}:{enc.config.hidden_size}:{fp}")
         return "+".join(parts)
-
-    def requires_grad(self) -> bool:
-        return any(p.requires_grad for enc in self.encoders for p in enc.parameters())
 
     # the one encoding path ---------------------------------------------------------------------
     def _run(self, i: int, texts: list[str], device) -> object:

@@ -66,9 +66,12 @@ class ConceptExclusion:
         self._model, self._base_model = model, base_model
         self._leakage_snapshots = leakage_snapshots
         self._constraints: list = []
-        self._build(project_now=(mode == "exact"))
-        self.hooks.add("gradient", GradientProjector(self._constraints, self.strength))
+        self._build(project_now=False)
+        # the distributed hooks refuse what they cannot keep (sharded output sides, ZeRO-3) before any weight moves
         self.hooks.add("distributed", ShardedGradientProjector(self._constraints, self.strength))
+        self.hooks.add("gradient", GradientProjector(self._constraints, self.strength))
+        if mode == "exact":
+            self._weights()
         # after the attach-time projection: an adapter that already held concept components (a resumed
         # or downloaded LoRA) loses them at attach, and leakage measures what training adds from there
         self._initial = {t.name: self._snapshot(t) for t in targets}
@@ -125,6 +128,11 @@ class ConceptExclusion:
             if context is not None:
                 context.detach()
             raise
+        self.frozen_layers = sorted(t.name for t in found if t.basis.shape[1] >= t.basis.shape[0])
+        if self.frozen_layers:  # e.g. to_q/to_out of heads no wider than the basis rank: never silently
+            log.warning("%d of %d targets get no change at all: the concept basis spans their whole constrained "
+                        "dimension (every head of to_q/to_out at rank >= head width): %s", len(self.frozen_layers),
+                        len(found), ", ".join(self.frozen_layers[:6]) + (" ..." if len(self.frozen_layers) > 6 else ""))
         if context is not None:
             self.hooks.add("context", context)
             self._context_requested = True
@@ -180,7 +188,7 @@ class ConceptExclusion:
         if missing:
             raise TargetError(f"re-encoding: {missing[0]} is no longer a target of the model; keep the model's "
                               f"layers unchanged while the exclusion is attached")
-        hooks = [h for name, h in self.hooks if name in self.BASIS_HOOKS and h.attached]
+        hooks = [h for name, h in self.hooks if name in self.BASIS_HOOKS and h.attached]  # in attach order
         for hook in reversed(hooks):
             hook.detach()
         for t in self.targets:
@@ -240,7 +248,8 @@ class ConceptExclusion:
     def provenance(self) -> Provenance:
         """The plain record ``concept_exclusion.metadata`` writes: settings, subspace and the leakage measured now."""
         return Provenance(self.subspace, self.mode, self.strength, tuple(self.target_sets), len(self.targets),
-                          self._context_requested, self.leakage(), self.steps)
+                          self._context_requested, self.leakage(), self.steps,
+                          tuple(getattr(self, "frozen_layers", ())))
 
     def metadata(self) -> dict[str, str]:
         """String-only provenance for safetensors (``concept_exclusion.*`` keys)."""

@@ -36,6 +36,7 @@ class Provenance:
     project_context: bool
     leakage: dict[str, float]
     steps: int
+    frozen_layers: tuple[str, ...] = ()  # targets the constraint leaves no freedom (warned at attach)
 
 
 def subspace_metadata(subspace) -> dict[str, str]:
@@ -56,6 +57,7 @@ def provenance_metadata(record: Provenance) -> dict[str, str]:
         PREFIX + "leakage": json.dumps({k: float(f"{v:.3e}") for k, v in sorted(leak.items())}),
         PREFIX + "leakage_max": f"{max(leak.values(), default=0.0):.3e}",
         PREFIX + "steps": str(record.steps),
+        PREFIX + "frozen_layers": json.dumps(list(record.frozen_layers)),
     })
     return meta
 

@@ -17,6 +17,7 @@ fused ``addmm`` per gradient; no ``isfinite``/``where`` passes, no host-device s
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -100,17 +101,10 @@ def constraints_for(targets: list[Target]) -> list[Constraint]:
     return out
 
 
-class GradientProjector(Hook):
-    """Tensor hooks that project each constrained (unsharded) parameter's gradient; strength 1 in exact mode.
-
-    One hook per parameter: autograd hands gradients over one tensor at a time, and a hook is the
-    only place that sees each micro-batch's gradient before accumulation, DDP and clipping.
-    Strength 0 installs nothing (the projection would be the identity). Sharded (DTensor) targets
-    are left to ``distributed.ShardedGradientProjector``. The constraints' bases are read when it
-    attaches (on construction, and on every ``attach`` after a ``detach``).
-
-        projector = GradientProjector(constraints_for(find_targets(unet, subspace, ["kv"])), 1.0)
-    """
+class GradientHooks(Hook):
+    """One gradient hook per constraint this kind takes (``_takes``), installed by ``_hook_one``; strength 0
+    installs nothing (the projection would be the identity). The constraints' bases are read when it
+    attaches (on construction, and on every ``attach`` after a ``detach``)."""
 
     def __init__(self, constraints: list[Constraint], strength: float) -> None:
         super().__init__()
@@ -121,8 +115,32 @@ class GradientProjector(Hook):
     def _install(self) -> list:
         if self.strength == 0.0:
             return []
-        return [c.target.param.register_hook(_grad_hook(c.basis, c.target.side, self.strength))
-                for c in self.constraints if not is_sharded(c.target.param)]
+        return [self._hook_one(c) for c in self.constraints if self._takes(c)]
+
+    @abstractmethod
+    def _takes(self, c: Constraint) -> bool:
+        """Whether this kind of hook handles ``c``."""
+
+    @abstractmethod
+    def _hook_one(self, c: Constraint):
+        """Install the hook for ``c``; return its removable handle."""
+
+
+class GradientProjector(GradientHooks):
+    """Tensor hooks that project each constrained (unsharded) parameter's gradient; strength 1 in exact mode.
+
+    One hook per parameter: autograd hands gradients over one tensor at a time, and a hook is the
+    only place that sees each micro-batch's gradient before accumulation, DDP and clipping.
+    Sharded (DTensor) targets are left to ``distributed.ShardedGradientProjector``.
+
+        projector = GradientProjector(constraints_for(find_targets(unet, subspace, ["kv"])), 1.0)
+    """
+
+    def _takes(self, c: Constraint) -> bool:
+        return not is_sharded(c.target.param)
+
+    def _hook_one(self, c: Constraint):
+        return c.target.param.register_hook(_grad_hook(c.basis, c.target.side, self.strength))
 
 
 def _copy_back(params: list[torch.Tensor], values: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:

@@ -95,7 +95,7 @@ class ConceptSubspace:
         """SDXL: both tokenizers and encoders; context is their concatenated states, plus a pooled basis."""
         if len(text_encoders) != 2:
             raise SubspaceError(f"from_text_encoders expects SDXL's two text encoders, got {len(text_encoders)}")
-        return cls._from_encoders(preset, TextEncoders(tokenizers, text_encoders, clip_skip, dual=True))
+        return cls._from_encoders(preset, TextEncoders(tokenizers, text_encoders, clip_skip, family="sdxl"))
 
     @classmethod
     def _from_encoders(cls, preset: Preset, encoders: TextEncoders) -> "ConceptSubspace":

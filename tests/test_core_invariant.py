@@ -263,6 +263,16 @@ def test_dimension_mismatch_is_an_error(sd, sdxl):
         ConceptExclusion.attach(unet, sub)
 
 
+def train_with_text_encoder(sd, unet, te, opt, steps: int) -> None:
+    """``steps`` AdamW steps in which the UNet reads the (training) text encoder's states of one prompt."""
+    ids = sd.tokenizer(["a photo of zorblax logo"] * 2, padding="max_length", return_tensors="pt").input_ids
+    for _ in range(steps):
+        x = torch.randn(2, 4, 8, 8)
+        unet(x, torch.tensor([10, 10]), encoder_hidden_states=te(ids).last_hidden_state).sample.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_text_encoder_training_allowed_reencodes(sd):
     from transformers import CLIPTextModel
 
@@ -275,12 +285,7 @@ def test_text_encoder_training_allowed_reencodes(sd):
     ex = ConceptExclusion.attach(unet, sub, optimizer=opt, text_encoder=te, allow_text_encoder_training=True,
                                  reencode_every=2)
     first = ex.subspace.basis().clone()
-    ids = sd.tokenizer(["a photo of zorblax logo"] * 2, padding="max_length", return_tensors="pt").input_ids
-    for i in range(4):
-        x = torch.randn(2, 4, 8, 8)
-        unet(x, torch.tensor([10, 10]), encoder_hidden_states=te(ids).last_hidden_state).sample.pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    train_with_text_encoder(sd, unet, te, opt, 4)
     assert ex.steps == 4 and not torch.equal(first, ex.subspace.basis())
     u = ex.subspace.basis().float()
     for m in _kv_weights(unet).values():

@@ -78,7 +78,7 @@ def test_sdxl_concatenates_both_encoders_and_has_pooled_basis(sdxl):
     sub = ConceptSubspace.from_text_encoders(make_preset(), sdxl.tokenizers, sdxl.text_encoders)
     assert sub.dim("context") == 64 and sub.dim("pooled") == 32
     assert _orthonormal(sub.basis("context")) and _orthonormal(sub.basis("pooled"))
-    enc = TextEncoders(sdxl.tokenizers, sdxl.text_encoders, dual=True)
+    enc = TextEncoders(sdxl.tokenizers, sdxl.text_encoders, family="sdxl")
     out = enc.encode(["a photo of zorblax"])
     ids = [t(["a photo of zorblax"], padding="max_length", return_tensors="pt").input_ids for t in sdxl.tokenizers]
     h1 = sdxl.text_encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]

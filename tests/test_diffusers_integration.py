@@ -85,7 +85,7 @@ def test_encode_prompts_is_what_the_subspace_reads(pipelines, kind):
     encs = [pipe.text_encoder] + ([pipe.text_encoder_2] if kind == "sdxl" else [])
     toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if kind == "sdxl" else [])
     for skip in (None, 2):
-        core = TextEncoders(toks, encs, skip, dual=(kind == "sdxl")).encode(texts)
+        core = TextEncoders(toks, encs, skip).encode(texts)
         with torch.no_grad():
             embeds, pooled = encode_prompts(pipe, texts, skip)
         torch.testing.assert_close(embeds.double(), core.hidden, rtol=0, atol=1e-6)

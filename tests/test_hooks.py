@@ -11,7 +11,7 @@ from concept_exclusion.hooks import Hook, Hooks, OptimizerPostStep
 from concept_exclusion.metadata import PREFIX
 
 from conftest import make_preset
-from test_core_invariant import _context, _peft_unet
+from test_core_invariant import _context, _peft_unet, train_with_text_encoder
 
 
 class Counting(Hook):
@@ -105,10 +105,7 @@ def test_reencoding_is_detach_then_attach(sd):
     ex = ConceptExclusion.attach(unet, sub, optimizer=opt, text_encoder=te, allow_text_encoder_training=True,
                                  reencode_every=1, project_context=True)
     before = {name: (h, h.handles) for name, h in ex.hooks}
-    ids = sd.tokenizer(["a photo of zorblax logo"] * 2, padding="max_length", return_tensors="pt").input_ids
-    unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 10]),
-         encoder_hidden_states=te(ids).last_hidden_state).sample.pow(2).mean().backward()
-    opt.step()
+    train_with_text_encoder(sd, unet, te, opt, 1)
     assert ex.steps == 1 and ex.subspace is not sub and ex.context.subspace is ex.subspace
     assert {name: (h, h.handles) for name, h in ex.hooks} == before  # the same hooks, attached again
     ex.detach()

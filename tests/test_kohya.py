@@ -37,8 +37,9 @@ def preset_file(tmp_path_factory):
 def _audit(capsys, *argv) -> tuple[int, dict]:
     capsys.readouterr()
     rc = cli_main(["audit", *map(str, argv), "--json"])
-    out = capsys.readouterr().out
-    return rc, json.loads(out)
+    captured = capsys.readouterr()
+    assert captured.out, captured.err  # the audit printed its report (else: why not, on stderr)
+    return rc, json.loads(captured.out)
 
 
 def _subsequence(calls: list[str], expected: list[str]) -> bool:
@@ -93,11 +94,13 @@ def test_sd1_exclusion_run_from_config_file_passes_audit(sd, preset_file, tmp_pa
     missing, unexpected = net.load_state_dict(weights, strict=False)
     assert not missing and not unexpected
 
-    rc, report = _audit(capsys, out)
-    assert rc == 0 and report["basis_source"] == "taken from the file"
+    rc, report = _audit(capsys, out)  # without a trusted --base the verdict is UNVERIFIED (exit 3), never a pass
+    assert rc == 3 and report["verdict"] == "UNVERIFIED"
+    assert report["claims"]["basis.context"] == f"32x{run.network.subspace.rank()}"
     assert report["max_share"] < 1e-3  # the embedded basis is stored in float16
-    rc, report = _audit(capsys, out, "--base", sd.root)
-    assert rc == 0 and report["basis_source"].startswith("recomputed")
+    rc, report = _audit(capsys, out, "--preset", preset_file, "--base", sd.root, "--clip-skip", "1")
+    assert rc == 0 and report["verified"] and report["verdict"] == "PASS", (report["flagged"], report["notes"],
+                                                                         report["max_share"])
     assert report["max_share"] < 1e-5
     roles = {r["role"] for r in report["layers"] if r["checked"]}
     assert roles == {"key", "value", "query", "out"}
@@ -124,7 +127,7 @@ def test_sd1_plain_lycoris_run_is_flagged(sd, preset_file, tmp_path, capsys):
     assert "load_weights" in run.calls
     assert run.network.exclusion.max_leakage() < 1e-5
     assert float(read_header(resumed)[1][PREFIX + "leakage_max"]) < 1e-5
-    rc, report = _audit(capsys, resumed, "--base", sd.root)
+    rc, report = _audit(capsys, resumed, "--preset", preset_file, "--base", sd.root, "--clip-skip", "1")
     assert rc == 0 and report["max_share"] < 1e-5
 
 
@@ -139,7 +142,7 @@ def test_sdxl_locon_exclusion_run_passes_and_plain_is_flagged(sdxl, preset_file,
     assert any("add_embedding_linear_1" in k for k in leakage)  # SDXL's pooled path is a target
     assert json.loads(meta[PREFIX + "ranks"]).keys() == {"context", "pooled"}
     assert run.network.subspace.clip_skip == 2
-    rc, report = _audit(capsys, out, "--base", sdxl.root)
+    rc, report = _audit(capsys, out, "--preset", preset_file, "--base", sdxl.root)
     assert rc == 0, report["flagged"]
     pooled = [r for r in report["layers"] if r["role"] == "pooled"]
     assert pooled and all(r["checked"] for r in pooled)
@@ -279,5 +282,6 @@ def test_two_processes_gloo_keep_the_exclusion(sd, preset_file, tmp_path, capsys
     assert ranks[0]["steps"] == ranks[1]["steps"] == ranks[0]["optimizer_steps"] == 2
     assert ranks[0]["param_sum"] == ranks[1]["param_sum"] and ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]
     assert max(r["max_leakage"] for r in ranks) < 1e-5
-    rc, report = _audit(capsys, tmp_path / "lora.safetensors", "--base", sd.root)
+    rc, report = _audit(capsys, tmp_path / "lora.safetensors", "--preset", preset_file, "--base", sd.root,
+                        "--clip-skip", "1")
     assert rc == 0 and report["max_share"] < 1e-5

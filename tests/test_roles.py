@@ -13,7 +13,7 @@ from concept_exclusion.roles import (ROLES, Role, add_role, attention_path, basi
 from concept_exclusion.targets import find_targets
 
 from conftest import make_preset
-from test_core_invariant import _peft_unet
+from test_core_invariant import _peft_unet, train_with_text_encoder
 
 NAMES = {
     "key": ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
@@ -100,12 +100,7 @@ def test_reencoding_refreshes_query_and_out_bases(sd):
                                  reencode_every=2)
     first = {t.name: t.basis.clone() for t in ex.targets}
     assert {t.role for t in ex.targets} == {"key", "value", "query", "out"}
-    ids = sd.tokenizer(["a photo of zorblax logo"] * 2, padding="max_length", return_tensors="pt").input_ids
-    for _ in range(2):
-        x = torch.randn(2, 4, 8, 8)
-        unet(x, torch.tensor([10, 10]), encoder_hidden_states=te(ids).last_hidden_state).sample.pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    train_with_text_encoder(sd, unet, te, opt, 2)
     fresh = {t.name: t.basis for t in find_targets(unet, ex.subspace, ("attention",))}
     for t in ex.targets:
         assert not torch.equal(t.basis, first[t.name]), t.name  # nothing keeps a stale basis
