@@ -98,6 +98,7 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     from tqdm.auto import tqdm
 
     from concept_exclusion.exclusion import ConceptExclusion
+    from concept_exclusion.preservation import OutputPreservation
 
     from .diffusers import encode_prompts, is_sdxl, save_lora, subspace_from_pipeline
 
@@ -127,6 +128,8 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
     exclusion = ConceptExclusion.attach(unet, subspace, args.mode, strength=args.strength, targets=targets,
                                         text_encoder=encoders, project_context=args.project_context)
+    chosen = args.output_preservation or preset.projection.output_preservation
+    preservation = None if chosen == "none" else OutputPreservation.from_preset(preset, target=chosen)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -166,18 +169,31 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
         noise = torch.randn(latents.shape, generator=g).to(device, weight_dtype)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        embeds, pooled = conditioning(captions)
-        kwargs = {}
-        if sdxl:
-            r = args.resolution
-            time_ids = torch.tensor([[r, r, 0, 0, r, r]] * len(idx), device=device, dtype=weight_dtype)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        pred = unet_prepared(noisy, timesteps, embeds, **kwargs).sample
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return F.mse_loss(pred.float(), target.float())
+        if preservation is None:
+            return F.mse_loss(predict(noisy, timesteps, conditioning(captions)).float(), target.float())
+        return preservation.loss(predict, noisy, timesteps, target, captions, conditioning,
+                                 base_predict=base_predict).total
+
+    def predict(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        embeds, pooled = cond
+        kwargs = {}
+        if sdxl:
+            r = args.resolution
+            time_ids = torch.tensor([[r, r, 0, 0, r, r]] * len(x), device=device, dtype=weight_dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        return unet_prepared(x, t, embeds, **kwargs).sample
+
+    def base_predict(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The frozen base model: the same UNet with its LoRA switched off (output_preservation = "base")."""
+        unet.disable_adapters()
+        try:
+            return predict(x, t, cond)
+        finally:
+            unet.enable_adapters()
 
     unet_prepared.train()
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="train",

@@ -15,7 +15,7 @@ import torch
 
 from concept_exclusion.errors import ConceptExclusionError
 from concept_exclusion.options import parse_bool
-from concept_exclusion.preset import MODES, TARGET_SETS
+from concept_exclusion.preset import MODES, OUTPUT_PRESERVATION, TARGET_SETS
 
 from .train_model import LORA_TARGETS
 
@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                    f"default: the preset's")
     g.add_argument("--project_context", default=None, type=boolean, metavar="{true,false}",
                    help="also project the text states the UNet reads in training passes (default: the preset's)")
+    g.add_argument("--output_preservation", default=None, choices=OUTPUT_PRESERVATION,
+                   help="captions naming the concept teach the image through the caption without the name, and the "
+                        "name is pulled to that prediction (scrub) or to the frozen base's (base); default: the preset's")
     g.add_argument("--clip_skip", type=int, default=None, help="kohya-style (1 = last layer, 2 = penultimate)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_every", type=int, default=0, help="write a checkpoint every N steps (0: never)")

@@ -56,11 +56,20 @@ class OutputPreservation:
             raise ConceptExclusionError(f"output preservation weight must be in (0, 100], got {self.weight}")
 
     @classmethod
-    def from_preset(cls, preset: Preset, *, replacement: str = "", weight: float = 1.0, target: str = "scrub"
-                    ) -> "OutputPreservation":
-        """Every name and paraphrase of the preset's concepts (not its preserved ones)."""
+    def from_preset(cls, preset: Preset, *, target: str | None = None, weight: float | None = None,
+                    replacement: str = "") -> "OutputPreservation":
+        """Every name and paraphrase of the preset's concepts (not its preserved ones). ``target`` and ``weight``
+        default to the preset's ``[projection] output_preservation`` / ``preservation_weight`` ("scrub" when the
+        preset says "none")."""
         phrases = tuple(dict.fromkeys(p for c in preset.concepts for p in c.prompts))
-        return cls(phrases, replacement, weight, target)
+        chosen = target or preset.projection.output_preservation
+        return cls(phrases, replacement, preset.projection.preservation_weight if weight is None else weight,
+                   "scrub" if chosen == "none" else chosen)
+
+    @classmethod
+    def for_preset(cls, preset: Preset) -> "OutputPreservation | None":
+        """The preservation the preset asks for (``[projection] output_preservation``), or None for "none"."""
+        return None if preset.projection.output_preservation == "none" else cls.from_preset(preset)
 
     @property
     def _pattern(self) -> re.Pattern:

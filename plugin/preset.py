@@ -27,6 +27,7 @@ from .errors import PresetError
 TOKEN_OPTIONS = ("concept", "all", "contrastive", "contrastive+concept")
 TARGET_SETS = ("kv", "attention")
 MODES = ("exact", "gradient")
+OUTPUT_PRESERVATION = ("none", "scrub", "base")
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture with {}", "{} in a scene")
 DEFAULT_NEUTRAL = "something"
 MAX_PRESET_BYTES = 1_000_000
@@ -60,6 +61,10 @@ class Projection:
     mode: str = "exact"
     strength: float = 1.0
     project_context: bool = False  # also remove the basis from the text states key/value layers read in training
+    # the training loss: captions that name a concept teach the image through the scrubbed caption, and the name is
+    # pulled to the scrubbed caption's prediction ("scrub") or to the frozen base model's ("base"); see preservation.py
+    output_preservation: str = "none"
+    preservation_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ class Preset:
 def canonical_json(preset: Preset) -> str:
     """The preset's content as JSON with sorted keys and defaults filled in: equal content, equal text.
 
-    ``project_context`` appears only when true, so presets written before it existed keep their hash
+    ``project_context`` appears only when true (``output_preservation`` and its weight only when it is not
+    "none"), so presets written before they existed keep their hash
     (files record the hash and are checked against it when read back).
     """
     def concept(c: Concept) -> dict[str, Any]:
@@ -102,6 +108,9 @@ def canonical_json(preset: Preset) -> str:
     }
     if p.project_context:
         doc["projection"]["project_context"] = True
+    if p.output_preservation != "none":
+        doc["projection"]["output_preservation"] = p.output_preservation
+        doc["projection"]["preservation_weight"] = p.preservation_weight
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -240,7 +249,7 @@ class _Validator:
 
     def projection(self, value: Any) -> Projection:
         t = self.table(value, "projection", {"energy", "max_rank", "tokens", "targets", "mode", "strength",
-                                             "project_context"})
+                                             "project_context", "output_preservation", "preservation_weight"})
         d = Projection()
         energy = self.number(t["energy"], "projection.energy", 0.0, 1.0, lo_open=True) if "energy" in t else d.energy
         max_rank = self.integer(t["max_rank"], "projection.max_rank", 1, 4096) if "max_rank" in t else d.max_rank
@@ -263,7 +272,11 @@ class _Validator:
             if not isinstance(t["project_context"], bool):
                 raise self.fail("projection.project_context", f"must be true or false, got {_type(t['project_context'])}")
             project_context = t["project_context"]
-        return Projection(energy, max_rank, tokens, targets, mode, strength, project_context)
+        preservation = (self.choice(t["output_preservation"], "projection.output_preservation", OUTPUT_PRESERVATION)
+                        if "output_preservation" in t else d.output_preservation)
+        weight = (self.number(t["preservation_weight"], "projection.preservation_weight", 0.0, 100.0, lo_open=True)
+                  if "preservation_weight" in t else d.preservation_weight)
+        return Projection(energy, max_rank, tokens, targets, mode, strength, project_context, preservation, weight)
 
     def preset(self, doc: dict, text: str) -> Preset:
         self.table(doc, "", {"preset", "concepts", "preserve", "projection"}, {"preset", "concepts"})

@@ -129,3 +129,20 @@ def test_no_named_caption_is_plain_denoising():
     plain = torch.nn.functional.mse_loss(model(x, t, _encode(["a red square", "with the tiger logo"])), target)
     assert parts.named == 0 and float(parts.preservation) == 0.0
     assert torch.allclose(parts.total, plain)
+
+
+def test_the_preset_chooses_the_target_and_weight_and_none_keeps_old_hashes():
+    from concept_exclusion import PresetError
+
+    text = PRESET.toml_text
+    assert OutputPreservation.for_preset(PRESET) is None
+    base = parse_preset(text + '\n[projection]\noutput_preservation = "base"\npreservation_weight = 2.0\n')
+    chosen = OutputPreservation.for_preset(base)
+    assert chosen.target == "base" and chosen.weight == 2.0
+    assert base.sha256 != PRESET.sha256
+    assert parse_preset(text + '\n[projection]\noutput_preservation = "none"\n').sha256 == PRESET.sha256
+    assert OutputPreservation.from_preset(base, target="scrub").target == "scrub"
+    with pytest.raises(PresetError, match="projection.output_preservation"):
+        parse_preset(text + '\n[projection]\noutput_preservation = "teacher"\n')
+    with pytest.raises(PresetError, match="projection.preservation_weight"):
+        parse_preset(text + '\n[projection]\noutput_preservation = "scrub"\npreservation_weight = 0\n')

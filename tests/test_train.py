@@ -67,6 +67,30 @@ def test_train_ten_steps_then_diffusers_loads_and_generates(world, tmp_path):
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
+@pytest.mark.parametrize("kind, target", [("sd", "scrub"), ("sdxl", "base")])
+def test_output_preservation_trains_named_captions_through_the_scrubbed_ones(world, tmp_path, kind, target,
+                                                                             monkeypatch):
+    """--output_preservation: the loss the trainer backpropagates is OutputPreservation's (both targets, SD and SDXL's
+    pooled path); the captions that name the concept are the ones it pulls."""
+    from concept_exclusion.preservation import OutputPreservation
+
+    seen = []
+    original = OutputPreservation.loss
+
+    def spy(self, predict, noisy, timesteps, target_, captions, encode, base_predict=None):
+        parts = original(self, predict, noisy, timesteps, target_, captions, encode, base_predict=base_predict)
+        seen.append((self.target, parts.named, float(parts.preservation.detach())))
+        return parts
+
+    monkeypatch.setattr(OutputPreservation, "loss", spy)
+    out = tmp_path / "run"
+    assert main(_argv(world, out, kind, "--max_steps", "4", "--output_preservation", target)) == 0
+    assert (out / "lora.safetensors").is_file()
+    assert len(seen) == 4 and all(t == target for t, _, _ in seen)
+    named = [n for _, n, _ in seen]
+    assert sum(named) > 0 and all(p >= 0 for _, _, p in seen)
+
+
 def test_config_file_with_flag_override_sdxl_diffusers_layout(world, tmp_path):
     out = tmp_path / "xl"
     config = tmp_path / "train.toml"

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-DEFAULT_METHOD = "preserve-scrub+context"
+DEFAULT_METHOD = "preserve-base"
 DEMO_SEED = 0
 COLUMNS = (("leak_rate", "name"), ("neutral_rate", "neutral"), ("paraphrase_leak_rate", "paraphrase"),
            ("allowed_leak_rate", "allowed tiger"), ("new_content_rate", "new colour"), ("heldout_loss", "held-out loss"))
