@@ -114,6 +114,10 @@ def test_report_merges_seed_files_and_recomputes_the_verdicts():
     doc = merge([_doc(methods, {0}), _doc(methods, {1}, "second")])
     assert doc["seeds"] == [0, 1] and doc["calibration"]["ok"]
     assert doc["verdicts"]["good"]["meets_bar"] and not doc["verdicts"]["costly"]["meets_bar"]
+    from concept_exclusion_world.verdict import best_method
+
+    assert best_method(doc["verdicts"], ["good", "costly"]) == "good"
+    assert best_method(doc["verdicts"], ["costly"]) is None
     text = markdown(doc)
     assert "Calibration gate: PASSED" in text and "| **good** |" in text and "second" in text
     changed = _doc(methods, {0})

@@ -15,7 +15,7 @@ from .bench import sample_counts
 from .measure import EvalConfig
 from .methods import METHODS
 from .stats import bootstrap, mean, reduction
-from .verdict import BAR, calibration, judge
+from .verdict import BAR, best_method, calibration, judge
 
 _ROW_KEYS = ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate", "empty_prompt_rate",
              "allowed_leak_rate", "new_content_rate", "public_fidelity", "heldout_loss")
@@ -55,7 +55,8 @@ def merge(docs: list[dict]) -> dict:
     return {"commands": [d["command"] for d in docs], "seconds": sum(d["seconds"] for d in docs),
             "machine": docs[0]["machine"], "encoder": docs[0]["encoder"], "default_method": docs[0]["default_method"],
             "config": docs[0]["config"], "seeds": seeds, "base_mean": base_mean, "runs": merged_runs,
-            "calibration": calibration(base_mean, gate_runs), "verdicts": verdicts}
+            "calibration": calibration(base_mean, gate_runs), "verdicts": verdicts,
+            "best_method": best_method(verdicts, [m for m in verdicts if m in METHODS and not METHODS[m].baseline])}
 
 
 def _pct(v: float) -> str:
@@ -107,6 +108,10 @@ def markdown(doc: dict) -> str:
                     f"{c['heldout_increase']['value']:+.1%}", _ci(c["allowed_kept"]["value"], *c["allowed_kept"]["ci95"]),
                     _pct(mean(per_seed, "new_content_rate")), "yes" if doc["verdicts"][method]["meets_bar"] else "no"]
         lines.append("| " + " | ".join(row) + " |")
+    best = doc["best_method"]
+    lines += ["", f"**Best method that meets the bar (computed): {best or 'none'}** (of the non-baseline methods: the "
+              "largest lower 95% bound of the smaller of its two reductions, then the smaller held-out cost). "
+              "Baselines (filter, scrub-name, masked-loss) need other data or masks and are not candidates."]
     lines += ["", "The bar: " + "; ".join(f"{k} {'<=' if k == 'heldout_increase' else '>='} {v}" for k, v in BAR.items())
               + ". New colour: rate on purple prompts; the bar asks it to exceed data filtering's by "
               f"{BAR['new_content_vs_filter']:.0%}.", "", "## Per seed: name-excess reduction", "",

@@ -71,3 +71,16 @@ def judge(method: str, runs: Mapping[str, Sequence[Mapping[str, float]]], counts
         checks[key] = {"value": point, "ci95": [lo, hi], "need": ("<= " if key == "heldout_increase" else ">= ")
                        + str(BAR[key]), "ok": bool(ok)}
     return {"criteria": checks, "meets_bar": all(c["ok"] for c in checks.values()) and "filter" in runs}
+
+
+def best_method(verdicts: Mapping[str, dict], candidates: Sequence[str]) -> str | None:
+    """Among ``candidates`` that meet the bar: the largest lower 95% bound of the smaller of the two reductions
+    (name, paraphrase), then the smaller held-out increase; None when none meets the bar."""
+    def bound(c: dict) -> float:
+        lo = c["ci95"][0]
+        return c["value"] if lo != lo else lo  # no interval (one seed): the point estimate
+
+    ranked = [(min(bound(v["criteria"]["name_reduction"]), bound(v["criteria"]["paraphrase_reduction"])),
+               -v["criteria"]["heldout_increase"]["value"], m)
+              for m, v in verdicts.items() if m in candidates and v["meets_bar"]]
+    return max(ranked)[2] if ranked else None
