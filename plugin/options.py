@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import ConceptExclusionError
+from .preset import MODES
 
-MODES = ("exact", "gradient")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -21,10 +21,12 @@ def parse_bool(value: Any, *, empty: bool | None = None) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
+    if text == "" and empty is not None:
+        return empty
     if text in TRUE_WORDS:
         return True
-    if text in FALSE_WORDS or (text == "" and empty is not None):
-        return bool(empty) if text == "" else False
+    if text in FALSE_WORDS:
+        return False
     raise ValueError(f"expected true or false, got {value!r}")
 
 
