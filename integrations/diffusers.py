@@ -21,6 +21,7 @@ from torch import nn
 from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
 from concept_exclusion.encoders import TextEncoders
 from concept_exclusion.exclusion import ConceptExclusion
+from concept_exclusion.mmdit import lora_pipeline_class
 from concept_exclusion.preset import Preset, load_preset
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 from concept_exclusion.sdxl_names import diffusers_to_sai
@@ -191,7 +192,15 @@ def _diffusers_file(unet: nn.Module, adapter: str, sdxl: bool, dtype: torch.dtyp
         layers = {k: v.to(dtype) for k, v in layers.items()}
     config = unet.peft_config[adapter].to_dict()
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    mmdit_cls = lora_pipeline_class(unet)  # Flux / SD3: transformer.* keys
     with tempfile.TemporaryDirectory(prefix="concept-exclusion-lora-") as tmp:
+        if mmdit_cls is not None:  # the Flux/SD3 dreambooth scripts save PEFT keys as they are (no conversion)
+            layers = get_peft_model_state_dict(unet, adapter_name=adapter)
+            if dtype is not None:
+                layers = {k: v.to(dtype) for k, v in layers.items()}
+            mmdit_cls.save_lora_weights(tmp, transformer_lora_layers=layers, weight_name="lora.safetensors",
+                                        safe_serialization=True, transformer_lora_adapter_metadata=config)
+            return read_safetensors(Path(tmp) / "lora.safetensors")
         pipeline_cls.save_lora_weights(tmp, unet_lora_layers=layers, weight_name="lora.safetensors",
                                        safe_serialization=True, unet_lora_adapter_metadata=config)
         return read_safetensors(Path(tmp) / "lora.safetensors")
@@ -215,6 +224,9 @@ def save_lora(pipe_or_unet, path: str | Path, exclusion: ConceptExclusion | None
     sdxl = is_sdxl(pipe_or_unet)
     tensors, metadata = _diffusers_file(unet, adapter, sdxl, dtype)
     if format == "kohya":
+        if lora_pipeline_class(unet) is not None:
+            raise ConceptExclusionError(f"{path}: format='kohya' writes UNet LoRAs; save a Flux/SD3 LoRA as "
+                                        f"'diffusers'")
         tensors = kohya_state_dict(unet, adapter, sdxl_names=sdxl, dtype=dtype)
         config = unet.peft_config[adapter]
         metadata.pop("lora_adapter_metadata", None)

@@ -43,10 +43,10 @@ from concept_exclusion.exclusion import ConceptExclusion, text_encoder_training
 from concept_exclusion.metadata import PREFIX
 from concept_exclusion.safeio import atomic_path, read_header
 from concept_exclusion.subspace import ConceptSubspace
-from concept_exclusion.targets import find_targets
 
 from .kohya_args import DEFAULT_BASE_NETWORK, THIS_MODULE, KohyaArgsError, split_network_args
 from .kohya_concept import encode_concept
+from .kohya_mmdit import check_network_targets
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ class ConceptExclusionNetwork(nn.Module):
             raise TargetError(f"the network trains the text encoder ({training[0]}, ...): the concept's embeddings "
                               f"would move; train with --network_train_unet_only, or pass network_args "
                               f"concept_allow_text_encoder_training=true (approximate)")
-        find_targets(self.base_network, self.subspace, self.target_sets, base_model=unet or self.unet)
+        check_network_targets(self.base_network, self.subspace, tuple(self.target_sets), unet or self.unet,
+                              self.settings.get("project_context"))  # Flux/SD3: see kohya_mmdit
 
     def prepare_optimizer_params(self, *args, **kwargs):
         return self.base_network.prepare_optimizer_params(*args, **kwargs)

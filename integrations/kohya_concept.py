@@ -20,6 +20,7 @@ from concept_exclusion.subspace import ConceptSubspace
 from concept_exclusion.targets import role_of
 
 from .kohya_args import KohyaArgsError
+from .kohya_mmdit import mmdit_strategy
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,15 @@ def _strategy_objects() -> tuple[list | None, int | None, bool]:
             tokenizers = [tokenize.tokenizer]
     clip_skip = getattr(encode, "clip_skip", None) if encode is not None else None
     return tokenizers, clip_skip, tokenize is not None or encode is not None
+
+
+def _tokenize_strategy():
+    """sd-scripts' current TokenizeStrategy object, or None when sd-scripts is not loaded."""
+    try:
+        from library import strategy_base  # sd-scripts
+    except Exception:  # noqa: BLE001 - sd-scripts absent (or an unrelated 'library' package)
+        return None
+    return getattr(getattr(strategy_base, "TokenizeStrategy", None), "get_strategy", lambda: None)()
 
 
 def _load_tokenizers(path: str, count: int) -> list:
@@ -81,6 +91,9 @@ def build_subspace(preset: Preset, text_encoder, settings: dict[str, Any]) -> Co
     if not encoders:
         raise SubspaceError("sd-scripts passed no text encoder to encode the concept with")
     tokenizers, strategy_skip, found = _strategy_objects()
+    mmdit = mmdit_strategy(_tokenize_strategy())  # sd-scripts Flux/SD3: clip_l [clip_g] t5xxl, T5's length
+    if mmdit is not None:
+        tokenizers = mmdit.tokenizers
     source = "sd-scripts' TokenizeStrategy"
     if "tokenizer" in settings:
         tokenizers, source = _load_tokenizers(settings["tokenizer"], len(encoders)), "concept_tokenizer"
@@ -94,7 +107,8 @@ def build_subspace(preset: Preset, text_encoder, settings: dict[str, Any]) -> Co
     if found and "clip_skip" in settings and strategy_skip is not None and settings["clip_skip"] != strategy_skip:
         log.warning("concept_clip_skip=%s differs from the training's --clip_skip %s: the concept is encoded "
                     "differently from the prompts the UNet reads", settings["clip_skip"], strategy_skip)
-    return ConceptSubspace.from_encoders(preset, tokenizers, encoders, clip_skip)
+    return ConceptSubspace.from_encoders(preset, tokenizers, encoders, clip_skip,
+                                         max_length=mmdit.max_length if mmdit else None)
 
 
 def _check_unet_width(unet: nn.Module | None, subspace: ConceptSubspace) -> None:
