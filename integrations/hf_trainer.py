@@ -28,6 +28,7 @@ from concept_exclusion.errors import ConceptExclusionError, ModelFolderError
 from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.model_folder import load_text_encoders
 from concept_exclusion.options import check_mode_strength
+from concept_exclusion.preservation import OutputPreservation
 from concept_exclusion.preset import TARGET_SETS, load_preset
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 from concept_exclusion.subspace import ConceptSubspace
@@ -167,6 +168,16 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
                                                  project_context=self.project_context)
         if self.resume_info or state.global_step > 0:
             self._restore(args, state)
+        if self.preservation is not None:
+            log.warning("the preset asks for output_preservation=%r, which changes the loss: a Trainer callback cannot; "
+                        "compute your loss with callback.preservation.loss(...) in compute_loss (docs/huggingface.md)",
+                        self.preservation.target)
+
+    @property
+    def preservation(self) -> OutputPreservation | None:
+        """The output preservation the preset asks for (``[projection] output_preservation``), or None."""
+        preset = self.subspace.preset
+        return None if preset is None else OutputPreservation.for_preset(preset)
 
     def _restore(self, args, state) -> None:
         """Resuming (the Trainer loaded checkpoint weights before this event): restore W0 and the step count.

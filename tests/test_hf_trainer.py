@@ -116,6 +116,15 @@ def test_subspace_json_round_trip_is_bit_exact(sd, preset_file):
     assert back.sha256 == sub.sha256 and back.preset.sha256 == sub.preset.sha256
 
 
+def test_callback_offers_the_presets_output_preservation(sd, preset_file):
+    from concept_exclusion import ConceptSubspace, load_preset
+
+    shipped = ConceptSubspace.from_text_encoder(load_preset("example-logo"), sd.tokenizer, sd.text_encoder)
+    assert ConceptExclusionCallback(shipped).preservation.target == "base"  # the shipped presets' default
+    plain = ConceptSubspace.from_text_encoder(load_preset(preset_file), sd.tokenizer, sd.text_encoder)
+    assert ConceptExclusionCallback(plain).preservation is None
+
+
 def test_trainer_with_flag_holds_invariant_and_clipping_sees_projected_norm(sd, tmp_path, preset_file, monkeypatch):
     model = TinyDiffusion(sd.unet(), sd.text_encoder)
     before = {n: p.detach().double().clone() for n, p in model.unet.named_parameters()}
