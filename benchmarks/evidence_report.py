@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from concept_exclusion_world.demo import DEFAULT_METHOD
 from concept_exclusion_world.report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -22,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     files = args.files or sorted((HERE / "results").glob("evidence-*.json"))
     if not files:
         parser.error("no evidence-*.json in benchmarks/results/; run benchmarks/evidence.py first")
-    doc = write_report(files, args.out)
+    doc = write_report(files, args.out, DEFAULT_METHOD)
     verdicts = {m: v["meets_bar"] for m, v in doc["verdicts"].items()}
     print(f"wrote {args.out}: calibration {'passed' if doc['calibration']['ok'] else 'FAILED'}; "
-          f"meets the bar: {', '.join(m for m, ok in verdicts.items() if ok) or 'none'}")
+          f"meets the bar: {', '.join(m for m, ok in verdicts.items() if ok) or 'none'}; best: {doc['best_method']}")
     return 0
 
 

@@ -36,7 +36,6 @@ class BenchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     custom_prompts: tuple[str, ...] = ()
-    keep_samples_seed: int | None = None  # keep the samples of this seed (for the grid)
 
 
 def sample_counts(cfg: EvalConfig) -> dict[str, int]:
@@ -48,36 +47,28 @@ def sample_counts(cfg: EvalConfig) -> dict[str, int]:
 
 
 def run(base: Base, cfg: BenchConfig, on_run: Callable[[str, int, dict], None] | None = None,
-        on_model: Callable[[object], None] | None = None, progress: bool = True) -> dict:
+        progress: bool = True) -> dict:
     """Measure the base model and fine-tune + measure every method in every seed.
 
-    Returns {"base": {seed: figures}, "runs": {method: [figures per seed]}, "samples": {row: tensors}}.
+    Returns {"base": {seed: figures}, "runs": {method: [figures per seed]}}.
     """
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
-    out: dict = {"base": {}, "runs": {m: [] for m in cfg.methods}, "samples": {}}
+    out: dict = {"base": {}, "runs": {m: [] for m in cfg.methods}}
     bar = tqdm(total=len(cfg.seeds) * (len(cfg.methods) + 1), desc="evidence runs", unit="run", disable=not progress)
     for seed in cfg.seeds:
-        keep = seed == cfg.keep_samples_seed
-        figures = evaluate(base.model, base.text, seed, cfg.evaluation, cfg.custom_prompts, keep_samples=keep)
-        if keep:
-            out["samples"]["base"] = figures.pop("_samples")
-        out["base"][seed] = figures
+        out["base"][seed] = evaluate(base.model, base.text, seed, cfg.evaluation, cfg.custom_prompts)
         bar.update(1)
         for name in cfg.methods:
             ft = finetune(base, METHODS[name], seed, cfg.train, progress=False)
             t0 = time.time()
-            figures = evaluate(ft.model, base.text, seed, cfg.evaluation, cfg.custom_prompts, keep_samples=keep)
-            if keep:
-                out["samples"][name] = figures.pop("_samples")
+            figures = evaluate(ft.model, base.text, seed, cfg.evaluation, cfg.custom_prompts)
             figures.update(seed=seed, train_seconds=round(ft.seconds, 1), eval_seconds=round(time.time() - t0, 1),
                            final_train_loss=sum(ft.losses[-50:]) / max(len(ft.losses[-50:]), 1))
             out["runs"][name].append(figures)
             if on_run is not None:
                 on_run(name, seed, figures)
-            if on_model is not None:
-                on_model(ft)
             bar.update(1)
     bar.close()
     return out

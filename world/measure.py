@@ -15,7 +15,7 @@ import torch
 
 from .detect import emblem_rate, objects
 from .model import scheduler
-from .scenes import ALLOWED, BASE_COLOURS, NEW_COLOUR, PROTECTED, Scene, World, WorldSpec, images
+from .scenes import ALLOWED, NEW_COLOUR, PROTECTED, Scene, World, WorldSpec, images
 from .text import Text
 
 GUIDANCE = 1.0  # x0 prediction: guidance above ~2 over-saturates (base fidelity 94% at 2, 50% at 3, 100% at 1)
@@ -162,5 +162,3 @@ def evaluate(model, text: Text, seed: int, cfg: EvalConfig = EvalConfig(), custo
         result["_samples"] = split
     return result
 
-
-BASE_COLOUR_NAMES = tuple(BASE_COLOURS)

@@ -110,7 +110,8 @@ def markdown(doc: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     best = doc["best_method"]
     lines += ["", f"**Best method that meets the bar (computed): {best or 'none'}** (of the non-baseline methods: the "
-              "largest lower 95% bound of the smaller of its two reductions, then the smaller held-out cost). "
+              "largest lower 95% bound of the smaller of its two reductions, capped at 100%, then the smaller held-out "
+              f"cost); in bold: the demo's and the shipped presets' default ({doc['default_method']}). "
               "Baselines (filter, scrub-name, masked-loss) need other data or masks and are not candidates."]
     lines += ["", "The bar: " + "; ".join(f"{k} {'<=' if k == 'heldout_increase' else '>='} {v}" for k, v in BAR.items())
               + ". New colour: rate on purple prompts; the bar asks it to exceed data filtering's by "
@@ -132,7 +133,10 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(files: list[Path], out: Path) -> dict:
+def write_report(files: list[Path], out: Path, default_method: str | None = None) -> dict:
+    """Merge ``files`` and write the markdown; ``default_method`` (the demo's now) is marked in the table."""
     doc = merge([json.loads(Path(f).read_text(encoding="utf-8")) for f in files])
+    if default_method is not None:
+        doc["default_method"] = default_method
     out.write_text(markdown(doc), encoding="utf-8")
     return doc

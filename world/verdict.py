@@ -75,10 +75,11 @@ def judge(method: str, runs: Mapping[str, Sequence[Mapping[str, float]]], counts
 
 def best_method(verdicts: Mapping[str, dict], candidates: Sequence[str]) -> str | None:
     """Among ``candidates`` that meet the bar: the largest lower 95% bound of the smaller of the two reductions
-    (name, paraphrase), then the smaller held-out increase; None when none meets the bar."""
+    (name, paraphrase), capped at 100% (drawing the concept less often than for a neutral word is no better than
+    as often), then the smaller held-out increase; None when none meets the bar."""
     def bound(c: dict) -> float:
         lo = c["ci95"][0]
-        return c["value"] if lo != lo else lo  # no interval (one seed): the point estimate
+        return min(1.0, c["value"] if lo != lo else lo)  # no interval (one seed): the point estimate
 
     ranked = [(min(bound(v["criteria"]["name_reduction"]), bound(v["criteria"]["paraphrase_reduction"])),
                -v["criteria"]["heldout_increase"]["value"], m)
