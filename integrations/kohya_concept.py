@@ -17,7 +17,7 @@ from concept_exclusion.errors import SubspaceError
 from concept_exclusion.options import check_mode_strength
 from concept_exclusion.preset import Preset, load_preset
 from concept_exclusion.subspace import ConceptSubspace
-from concept_exclusion.targets import role_of
+from concept_exclusion.roles import role_of
 
 from .kohya_args import KohyaArgsError
 from .kohya_mmdit import mmdit_strategy
