@@ -108,6 +108,28 @@ def markdown(doc: dict) -> str:
                     f"{c['heldout_increase']['value']:+.1%}", _ci(c["allowed_kept"]["value"], *c["allowed_kept"]["ci95"]),
                     _pct(mean(per_seed, "new_content_rate")), "yes" if doc["verdicts"][method]["meets_bar"] else "no"]
         lines.append("| " + " | ".join(row) + " |")
+    control = runs.get("scrub-name")
+    if control:
+        lines += ["", "## Against the control (the calibration gate's fallback reading)", "",
+                  "The scrub-name control never saw the name. Where it draws the panda for its name less often than "
+                  "for neutral words (a failed `control_vs_neutral` gate), a reduction of the excess over neutral "
+                  "prompts can pass a method that binds the name more than the control does. This table reads the "
+                  "raw rates against the control instead: gap closed = (plain - method) / (plain - control), "
+                  "pooled over each method's seeds; 100% is the control's level.", "",
+                  "| method | name rate | gap closed (name) | paraphrase rate | gap closed (paraphrase) |",
+                  "|---|---|---|---|---|"]
+        by_seed = {k: {f["seed"]: f for f in v} for k, v in runs.items()}
+        for method, per_seed in runs.items():
+            if method in ("plain", "scrub-name"):
+                continue
+            seeds_m = [f["seed"] for f in per_seed if f["seed"] in by_seed["scrub-name"]]
+            cells = []
+            for key in ("leak_rate", "paraphrase_leak_rate"):
+                p = mean([by_seed["plain"][s] for s in seeds_m], key)
+                c = mean([by_seed["scrub-name"][s] for s in seeds_m], key)
+                m = mean([by_seed[method][s] for s in seeds_m], key)
+                cells += [_pct(m), _pct((p - m) / (p - c)) if p - c > 0 else "n/a (control >= plain)"]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     best = doc["best_method"]
     lines += ["", f"**Best method that meets the bar (computed): {best or 'none'}** (of the non-baseline methods: the "
               "largest lower 95% bound of the smaller of its two reductions, capped at 100%, then the smaller held-out "
