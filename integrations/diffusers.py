@@ -18,15 +18,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
 from concept_exclusion.encoders import TextEncoders
+from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
 from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.mmdit import lora_pipeline_class
 from concept_exclusion.preset import Preset, load_preset
+from concept_exclusion.roles import canonical_name
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 from concept_exclusion.sdxl_names import diffusers_to_sai
 from concept_exclusion.subspace import ConceptSubspace
-from concept_exclusion.targets import canonical_name
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,51 @@ def attach_to_pipeline(pipe, preset: Preset | str | Path, mode: str | None = Non
 
 
 def attach_exclusion(unet: nn.Module, preset: Preset | str | Path, tokenizer, text_encoder, *, optimizer=None,
-                     clip_skip: int | None = None, **kwargs) -> ConceptExclusion:
+                     clip_skip: int | None = None, accelerator=None, **kwargs) -> ConceptExclusion:
     """One line for a stock diffusers loop: subspace from the script's own tokenizer(s)/text encoder(s), attached.
 
     SDXL scripts pass both as lists (``[tokenizer_one, tokenizer_two]``, ``[text_encoder_one, text_encoder_two]``).
     Call it after the optimizer exists (exact mode's post-step work is registered on it) and before
-    ``accelerator.prepare``. Other keyword arguments go to ``ConceptExclusion.attach``.
+    ``accelerator.prepare``. ``accelerator``: also give ``--checkpointing_steps`` checkpoints our metadata
+    (``checkpoint_hooks``). Other keyword arguments go to ``ConceptExclusion.attach``.
     """
     subspace = ConceptSubspace.from_encoders(_preset(preset), tokenizer, text_encoder, clip_skip)
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-    return ConceptExclusion.attach(unwrap(unet), subspace, optimizer=optimizer, text_encoder=encoders, **kwargs)
+    exclusion = ConceptExclusion.attach(unwrap(unet), subspace, optimizer=optimizer, text_encoder=encoders, **kwargs)
+    if accelerator is not None:
+        checkpoint_hooks(accelerator, exclusion)
+    return exclusion
+
+
+def checkpoint_hooks(accelerator, exclusion: ConceptExclusion,
+                     filename: str = "pytorch_lora_weights.safetensors") -> None:
+    """``accelerator.save_state`` checkpoints carry our metadata, and ``load_state`` restores the step count.
+
+    Registered after the script's own save hook (which writes ``filename`` into the checkpoint folder), ours
+    adds ``exclusion.metadata()`` to that file atomically; on load it reads ``concept_exclusion.steps`` back.
+    """
+    from concept_exclusion.metadata import PREFIX
+    from concept_exclusion.safeio import read_header
+
+    def save(models, weights, output_dir) -> None:
+        path = Path(output_dir) / filename
+        if not accelerator.is_main_process:
+            return
+        if not path.is_file():
+            log.warning("%s was not written before our checkpoint hook ran: call attach_exclusion(accelerator=...) "
+                        "after the script registers its save hook", path)
+            return
+        tensors, metadata = read_safetensors(path)
+        write_safetensors(path, tensors, {**metadata, **exclusion.metadata()})
+
+    def load(models, input_dir) -> None:
+        path = Path(input_dir) / filename
+        steps = read_header(path)[1].get(PREFIX + "steps", "") if path.is_file() else ""
+        if steps.isascii() and steps.isdigit():
+            exclusion.steps = int(steps)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 # text conditioning -------------------------------------------------------------------------------

@@ -106,6 +106,11 @@ class ConceptExclusionNetwork(nn.Module):
     # trainer calls ---------------------------------------------------------------------------
     def prepare_network(self, args) -> None:
         """sd-scripts calls this with its parsed arguments right after create_network."""
+        if getattr(args, "network_train_unet_only", True) is False and not self.settings.get(
+                "allow_text_encoder_training"):
+            raise KohyaArgsError("sd-scripts trains the text encoder unless --network_train_unet_only is given: the "
+                                 "concept's embeddings would move; add --network_train_unet_only, or network_args "
+                                 "concept_allow_text_encoder_training=true (approximate)")
         fmt = getattr(args, "save_model_as", "safetensors") or "safetensors"
         if fmt != "safetensors":
             raise KohyaArgsError(f"--save_model_as {fmt}: concept-exclusion records its provenance in safetensors "
