@@ -157,17 +157,4 @@ def _require_some_match(path: str | Path, layers: list[LayerReport]) -> None:
                          f"another model?)")
 
 
-def __getattr__(name: str):
-    """The commands live in ``audit_cmd``; their entry points still name this module."""
-    if name in ("register_audit", "register_inspect", "inspect_file"):
-        from . import audit_cmd
-
-        return getattr(audit_cmd, name)
-    if name == "format_report":
-        from .audit_format import format_report
-
-        return format_report
-    raise AttributeError(name)
-
-
 __all__ = ["DEFAULT_THRESHOLD", "AuditReport", "LayerReport", "audit_file", "claimed_basis", "read_claims"]

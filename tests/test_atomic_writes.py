@@ -183,6 +183,7 @@ ALLOWED = {
     ("plugin/safeio.py", "write_safetensors"): "writes to the atomic_path temporary",
     ("plugin/tiny.py", "write_clip_tokenizer"): "test/demo fixture files, regenerated on every run",
     ("plugin/tiny.py", "clip_tokenizer"): "test/demo fixture files, regenerated on every run",
+    ("plugin/tiny_mmdit.py", "t5_tokenizer"): "test fixture files, regenerated on every run",
     ("integrations/train.py", "_setup_log"): "train.log is an append-only log stream, not an artifact",
     ("integrations/kohya.py", "save_weights"): "the base network writes to a mkstemp temporary, renamed with "
                                                "os.replace after fsync (checked in test_kohya_save_is_atomic)",
