@@ -48,7 +48,7 @@ def merge(docs: list[dict]) -> dict:
             continue
         # each method against plain (and filtering) in the seeds it was run in
         shared = [s for s in seeds if s in per and s in runs.get("filter", per)]
-        sub = {m: [runs[m][s] for s in shared] for m in {"plain", "filter", method} if m in runs}
+        sub = {m: [runs[m][s] for s in shared] for m in dict.fromkeys(("plain", "filter", method)) if m in runs}
         verdicts[method] = judge(method, sub, counts) | {"seeds": shared}
     gate_seeds = [s for s in seeds if all(s in runs.get(m, {}) for m in ("scrub-name", "filter"))]
     gate_runs = {m: [runs[m][s] for s in gate_seeds] for m in ("plain", "scrub-name", "filter") if m in runs}
