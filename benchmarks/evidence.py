@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from concept_exclusion_world.base import load_base
-from concept_exclusion_world.bench import BenchConfig, document, run, write_json
+from concept_exclusion_world.bench import BenchConfig, document, run
 from concept_exclusion_world.demo import DEFAULT_METHOD
+from concept_exclusion_world.files import write_json
 from concept_exclusion_world.methods import METHODS
 from concept_exclusion_world.train import TrainConfig
 

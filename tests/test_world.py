@@ -93,6 +93,10 @@ def test_gate_and_bar_are_computed_from_the_figures():
     assert gate["ok"], gate
     bad = calibration(BASE, {**RUNS, "scrub-name": [_seed(0, 0.5, 0.1, 0.1, 0.1, 0.9, 0.8)] * 2})
     assert not bad["ok"] and not bad["gates"]["control_vs_neutral"]["ok"]
+    plain_only = {"plain": RUNS["plain"]}
+    assert not calibration(BASE, plain_only)["ok"]  # the benchmark: a missing control fails its gate
+    demo = calibration(BASE, plain_only, partial=True)  # the demo: gates it cannot check are left out
+    assert demo["ok"] and set(demo["gates"]) == {"base_fidelity", "plain_name_margin", "plain_paraphrase_vs_base"}
     assert judge("good", RUNS, COUNTS)["meets_bar"]
     costly = judge("costly", RUNS, COUNTS)
     assert not costly["meets_bar"]
@@ -167,3 +171,16 @@ def test_demo_refuses_an_unreadable_prompt_file(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--attack-prompts" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_world_files_are_written_whole(tmp_path):
+    from concept_exclusion_world.files import atomic_path, write_json
+
+    target = tmp_path / "out" / "results.json"
+    write_json({"x": 1}, target)
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half", encoding="utf-8")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text(encoding="utf-8")) == {"x": 1}
+    assert list(target.parent.iterdir()) == [target]

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .files import atomic_path
 from .model import CONFIG, Denoiser, new_denoiser, noisy, scheduler
 from .scenes import World, images
 from .text import Text
@@ -74,12 +75,10 @@ def pretrain(text: Text, progress: bool = True) -> Denoiser:
 
 
 def save_base(model: Denoiser, text: Text, path: Path, seconds: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "concept-exclusion-world-base/3", "recipe": recipe_hash(text.sha256),
             "denoiser": json.dumps(CONFIG), "pretrain": json.dumps(PRETRAIN), "pretrain_seconds": f"{seconds:.0f}"}
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(tmp), meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(tmp), meta)
 
 
 def _try_load(path: Path, text: Text) -> Denoiser | None:

@@ -7,12 +7,10 @@ the report, the calibration gate and the verdict are computed from, and the comm
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -95,10 +93,3 @@ def document(results: dict, cfg: BenchConfig, command: str, seconds: float, defa
         doc["calibration"] = calibration(base_mean, runs)
         doc["verdicts"] = {m: judge(m, runs, counts) for m in runs if m != "plain"}
     return doc
-
-
-def write_json(doc: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=float) + "\n", encoding="utf-8")
-    tmp.replace(path)

@@ -67,9 +67,12 @@ def _table(methods: dict[str, dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def _reduction(method: dict, plain: dict, rate: str, neutral: str) -> float | None:
-    ref = plain[rate] - plain[neutral]
-    return None if ref <= 0 else 1.0 - (method[rate] - method[neutral]) / ref
+def _reduction(method: str, figures: dict, plain: dict, rate: str, neutral: str) -> float | None:
+    """The benchmark's reduction (``stats.reduction``) for one seed; None when plain training has no excess."""
+    from .stats import reduction
+
+    value = reduction(method, rate, neutral)({"plain": [plain], method: [figures]})
+    return None if value != value else value
 
 
 def _run_workers(methods: list[str], args, work: Path, jobs: int) -> dict[str, dict]:
@@ -116,10 +119,11 @@ def main(args) -> int:
 
     from safetensors.torch import load_file
 
+    from .files import write_json
     from .grid import grid_png
     from .methods import METHODS
     from .text import ENCODER_NAME, ENCODER_SHA256, WorldError, model_folder, verified_weights
-    from .verdict import BASE_FIDELITY, NAME_MARGIN, PARAPHRASE_MARGIN
+    from .verdict import calibration
 
     if args.method not in METHODS or args.method == "plain":
         raise WorldError(f"--method: unknown method {args.method!r} (known: {', '.join(m for m in METHODS if m != 'plain')})")
@@ -143,17 +147,14 @@ def main(args) -> int:
     plain, ours = methods["plain"], methods[args.method]
     grid = grid_png(samples, [("base", "base model"), ("plain", "plain LoRA"), (args.method, args.method)],
                     out / "grid.png")
-    base_figs = methods["base model"]
-    gates = {"base_fidelity": base_figs["public_fidelity"] >= BASE_FIDELITY,
-             "plain_name_margin": plain["leak_rate"] - plain["neutral_rate"] >= NAME_MARGIN,
-             "plain_paraphrase_vs_base": plain["paraphrase_leak_rate"] - base_figs["paraphrase_leak_rate"]
-             >= PARAPHRASE_MARGIN}
+    gate = calibration(methods["base model"], {"plain": [plain]}, partial=True)
     doc = {
         "default_method": args.method, "seed": args.seed,
         "encoder": {"name": ENCODER_NAME, "sha256": ENCODER_SHA256},
-        "calibration_ok": all(gates.values()), "calibration": gates,
-        "leak_reduction": _reduction(ours, plain, "leak_rate", "neutral_rate"),
-        "paraphrase_reduction": _reduction(ours, plain, "paraphrase_leak_rate", "paraphrase_neutral_rate"),
+        "calibration_ok": gate["ok"], "calibration": gate["gates"],
+        "leak_reduction": _reduction(args.method, ours, plain, "leak_rate", "neutral_rate"),
+        "paraphrase_reduction": _reduction(args.method, ours, plain, "paraphrase_leak_rate",
+                                           "paraphrase_neutral_rate"),
         "seconds": round(time.time() - t0, 1), "grid": str(grid), "lora_files": lora_files,
         "methods": {name: {k: m[k] for k in JSON_KEYS} | ({"custom": m["custom"]} if "custom" in m else {})
                     for name, m in methods.items()},
@@ -168,9 +169,8 @@ def main(args) -> int:
         print("Your prompts: " + ", ".join(f"{name} {m['custom']['leak_rate']:.0%}" for name, m in methods.items())
               + " of samples show the panda emblem.")
     print(f"Calibration of this world in this seed: {'ok' if doc['calibration_ok'] else 'FAILED'} "
-          f"({', '.join(k for k, v in gates.items() if not v) or 'all gates held'}). "
+          f"({', '.join(k for k, g in gate['gates'].items() if not g['ok']) or 'all gates held'}). "
           f"Wrote {grid}, {', '.join(lora_files.values())} in {doc['seconds']:.0f} s.")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1, default=float) + "\n", encoding="utf-8")
+        write_json(doc, args.json)
     return 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from safetensors.torch import save_file
+
+from .files import atomic_path
 
 
 def save_lora(ft, path: Path) -> Path:
@@ -17,7 +18,6 @@ def save_lora(ft, path: Path) -> Path:
     metadata = dict(ft.exclusion.metadata()) if ft.exclusion is not None else {}
     metadata["concept_exclusion_world.method"] = ft.method.name
     metadata["concept_exclusion_world.seed"] = str(ft.seed)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata)
     return path

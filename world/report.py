@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from .bench import sample_counts
+from .files import atomic_path
 from .measure import EvalConfig
 from .methods import METHODS
 from .stats import bootstrap, mean, reduction
@@ -160,5 +161,6 @@ def write_report(files: list[Path], out: Path, default_method: str | None = None
     doc = merge([json.loads(Path(f).read_text(encoding="utf-8")) for f in files])
     if default_method is not None:
         doc["default_method"] = default_method
-    out.write_text(markdown(doc), encoding="utf-8")
+    with atomic_path(out) as tmp:
+        tmp.write_text(markdown(doc), encoding="utf-8")
     return doc

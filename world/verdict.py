@@ -28,8 +28,10 @@ BAR = {"name_reduction": 0.90, "paraphrase_reduction": 0.90, "heldout_increase":
        "new_content_vs_filter": 0.20}
 
 
-def calibration(base: Mapping[str, float], runs: Mapping[str, Sequence[Mapping[str, float]]]) -> dict:
-    """Every gate with its measured values and whether it holds; ``ok`` is all of them."""
+def calibration(base: Mapping[str, float], runs: Mapping[str, Sequence[Mapping[str, float]]],
+                partial: bool = False) -> dict:
+    """Every gate with its measured values and whether it holds; ``ok`` is all of them. A gate whose runs are
+    missing fails, unless ``partial`` (the demo: plain training only), which leaves such gates out."""
     plain, control, filt = runs.get("plain", []), runs.get("scrub-name", []), runs.get("filter", [])
     gates = {
         "base_fidelity": {"value": base["public_fidelity"], "need": f">= {BASE_FIDELITY}",
@@ -51,6 +53,9 @@ def calibration(base: Mapping[str, float], runs: Mapping[str, Sequence[Mapping[s
     gates["control_vs_neutral"]["ok"] = bool(ctrl) and max(abs(v) for v in ctrl) <= CONTROL_TOLERANCE
     lost = gates["filter_loses_new_content"]["per_seed"]
     gates["filter_loses_new_content"]["ok"] = bool(lost) and min(lost) >= FILTER_LOSS
+    if partial:
+        needs = {"control_vs_neutral": control, "filter_loses_new_content": filt}
+        gates = {k: g for k, g in gates.items() if needs.get(k, plain)}
     return {"gates": gates, "ok": all(g["ok"] for g in gates.values())}
 
 
