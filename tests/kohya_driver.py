@@ -94,10 +94,18 @@ def StandInStrategies(tokenizers: list, clip_skip: int | None) -> Iterator[None]
         tokenize = types.SimpleNamespace(tokenizer=tokenizers[0])
     TokenizeStrategy.set_strategy(tokenize)
     TextEncodingStrategy.set_strategy(types.SimpleNamespace(clip_skip=clip_skip))
-    library = types.ModuleType("library")
     strategy_base = types.ModuleType("library.strategy_base")
     strategy_base.TokenizeStrategy = TokenizeStrategy
     strategy_base.TextEncodingStrategy = TextEncodingStrategy
+    with installed_strategy_base(strategy_base):
+        yield
+
+
+@contextlib.contextmanager
+def installed_strategy_base(strategy_base: types.ModuleType) -> Iterator[None]:
+    """``strategy_base`` importable as sd-scripts' ``library.strategy_base`` for the duration; the modules it
+    replaced (or their absence) are restored afterwards."""
+    library = types.ModuleType("library")
     library.strategy_base = strategy_base
     saved = {k: sys.modules.get(k) for k in ("library", "library.strategy_base")}
     sys.modules["library"], sys.modules["library.strategy_base"] = library, strategy_base

@@ -27,7 +27,6 @@ import contextlib
 import importlib
 import json
 import math
-import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from kohya_driver import installed_strategy_base
 
 
 # the model ---------------------------------------------------------------------------------------
@@ -276,20 +277,11 @@ def flux_strategies(clip_tokenizer, t5_tokenizer, t5_max_length: int) -> Iterato
     registry = {}
     for name, obj in (("TokenizeStrategy", tokenize), ("TextEncodingStrategy", encode)):
         registry[name] = type(name, (), {"get_strategy": classmethod(lambda cls, o=obj: o)})
-    library, base = types.ModuleType("library"), types.ModuleType("library.strategy_base")
+    base = types.ModuleType("library.strategy_base")
     for name, cls in registry.items():
         setattr(base, name, cls)
-    library.strategy_base = base
-    saved = {k: sys.modules.get(k) for k in ("library", "library.strategy_base")}
-    sys.modules["library"], sys.modules["library.strategy_base"] = library, base
-    try:
+    with installed_strategy_base(base):
         yield tokenize
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 def encode_captions(tokenize, clip_l, t5, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
