@@ -9,7 +9,6 @@ own slice, so the global batch is the same in all runs.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -65,24 +64,12 @@ def train(rank: int, world: int) -> dict:
 
 
 def main() -> None:
+    from ddp_worker import run_rank
+
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        result = train(rank, world)
-    finally:
-        dist.barrier()
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_file(result["weights"], str(args.out / f"rank{rank}.safetensors"))
-    (args.out / f"rank{rank}.json").write_text(json.dumps(
-        {k: result[k] for k in ("max_leakage", "targets", "project_context")} | {"world": world}))
-    dist.destroy_process_group()
+    run_rank(train, args.out, ("max_leakage", "targets", "project_context"))
 
 
 if __name__ == "__main__":

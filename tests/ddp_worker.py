@@ -97,11 +97,10 @@ def train(wrap: str, rank: int, world: int) -> dict:
             "targets": len(exclusion.targets), "steps": exclusion.steps}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--wrap", choices=("ddp", "ddp-context", "fsdp", "fsdp-lora"), required=True)
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
+def run_rank(train_rank, out: Path, keys: tuple[str, ...]) -> None:
+    """In a process started by torchrun: join the gloo group, run ``train_rank(rank, world)`` (every rank
+    waits for the others before writing), and write ``out/rank<N>.safetensors`` (its weights) and
+    ``out/rank<N>.json`` (``keys`` of its result, the world size and the pid)."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -109,14 +108,22 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        result = train(args.wrap, rank, world)
+        result = train_rank(rank, world)
     finally:
         dist.barrier()
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_file(result["weights"], str(args.out / f"rank{rank}.safetensors"))
-    (args.out / f"rank{rank}.json").write_text(json.dumps(
-        {k: result[k] for k in ("max_leakage", "targets", "steps")} | {"world": world, "pid": os.getpid()}))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(result["weights"], str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps(
+        {k: result[k] for k in keys} | {"world": world, "pid": os.getpid()}))
     dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--wrap", choices=("ddp", "ddp-context", "fsdp", "fsdp-lora"), required=True)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    run_rank(lambda rank, world: train(args.wrap, rank, world), args.out, ("max_leakage", "targets", "steps"))
 
 
 if __name__ == "__main__":
