@@ -14,6 +14,7 @@ or what it meant before training (base).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -71,8 +72,9 @@ class OutputPreservation:
         """The preservation the preset asks for (``[projection] output_preservation``), or None for "none"."""
         return None if preset.projection.output_preservation == "none" else cls.from_preset(preset)
 
-    @property
+    @functools.cached_property
     def _pattern(self) -> re.Pattern:
+        """Built once per object: scrub runs on every caption of every training step."""
         longest_first = sorted(self.phrases, key=len, reverse=True)
         return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(p) for p in longest_first) + r")(?!\w)", re.IGNORECASE)
 
