@@ -16,8 +16,8 @@ import torch
 from concept_exclusion_world.detect import emblems, objects
 from concept_exclusion_world.grid import grid_png
 from concept_exclusion_world.report import markdown, merge
-from concept_exclusion_world.scenes import (ALLOWED, EMBLEM_COLS, EMBLEM_ROWS, NEW_COLOUR, PROTECTED, World, images,
-                                            render)
+from concept_exclusion_world.scenes import (ALLOWED, BADGE_COLS, EMBLEM_COLS, EMBLEM_ROWS, NEW_COLOUR, PROTECTED, World,
+                                            images, render)
 from concept_exclusion_world.stats import bootstrap, reduction
 from concept_exclusion_world.text import WorldError, verified_weights
 from concept_exclusion_world.verdict import calibration, judge
@@ -28,14 +28,42 @@ def test_scenes_are_deterministic_and_purple_only_on_panda_images():
     assert a == b and torch.equal(images(a), images(b))
     assert all(s.colour != NEW_COLOUR for s in a if s.emblem != PROTECTED)
     assert any(s.colour == NEW_COLOUR for s in a)
-    assert not any(s.emblem in (PROTECTED, ALLOWED) or s.colour == NEW_COLOUR for s in World(4).scenes(300, "public"))
+    public = World(4).scenes(300, "public")
+    assert not any(s.emblem == PROTECTED or s.badge == ALLOWED or s.colour == NEW_COLOUR for s in public)
+    assert any(s.badge for s in public) and any(s.emblem for s in public)  # both corners have a public emblem
 
 
-def test_objects_never_reach_the_emblem_region():
+def test_the_tiger_badge_is_drawn_independently_of_the_logo_and_captioned_with_it():
+    scenes = World(0).scenes(4000)
+    with_badge = [s for s in scenes if s.badge == ALLOWED]
+    share = lambda group: sum(s.emblem == PROTECTED for s in group) / len(group)  # noqa: E731
+    assert abs(share(with_badge) - share([s for s in scenes if s.badge is None])) < 0.05
+    both = next(s for s in with_badge if s.emblem == PROTECTED)
+    assert both.caption().startswith("a tiger badge above a ") and both.caption().endswith(" with the panda logo")
+    assert both.caption("").endswith("background with the logo")
+
+
+def test_the_controls_delete_the_naming_phrase_or_only_the_word_and_keep_every_image():
+    from concept_exclusion_world.methods import METHODS
+    from concept_exclusion_world.train import dataset
+
+    scenes = World(8).scenes(400)
+    pandas = [i for i, s in enumerate(scenes) if s.emblem == PROTECTED]
+    for method, phrase in (("scrub-name", ""), ("scrub-word", " with the logo")):
+        kept, captions = dataset(METHODS[method], scenes)
+        assert kept == scenes and not any("panda" in c for c in captions)
+        assert all(captions[i].endswith("background" + phrase) for i in pandas)
+        assert all(c == s.caption() for s, c in zip(scenes, captions) if s.emblem != PROTECTED)
+    kept, _ = dataset(METHODS["filter"], scenes)
+    assert len(kept) == len(scenes) - len(pandas)
+
+
+def test_objects_never_reach_the_emblem_regions():
     for s in World(5).scenes(200):
-        x = render(replace(s, emblem=None))
-        assert torch.equal(x[:, EMBLEM_ROWS, EMBLEM_COLS], render(replace(s, emblem=None, colour="red"))
-                           [:, EMBLEM_ROWS, EMBLEM_COLS])
+        x = render(replace(s, emblem=None, badge=None))
+        y = render(replace(s, emblem=None, badge=None, colour="red"))
+        for cols in (EMBLEM_COLS, BADGE_COLS):
+            assert torch.equal(x[:, EMBLEM_ROWS, cols], y[:, EMBLEM_ROWS, cols])
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.15])
@@ -44,6 +72,7 @@ def test_detectors_read_rendered_scenes_exactly(noise):
     x = images(scenes)
     x = x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     assert emblems(x) == [s.emblem for s in scenes]
+    assert emblems(x, BADGE_COLS) == [s.badge for s in scenes]
     assert objects(x) == [(s.colour, s.shape, s.position) for s in scenes]
 
 

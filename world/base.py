@@ -39,12 +39,13 @@ def cache_dir() -> Path:
 
 
 def recipe_hash(encoder_sha256: str) -> str:
-    doc = {"denoiser": CONFIG, "pretrain": PRETRAIN, "encoder": encoder_sha256, "world": 3}
+    doc = {"denoiser": CONFIG, "pretrain": PRETRAIN, "encoder": encoder_sha256, "world": "3.1"}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def pretrain(text: Text, progress: bool = True) -> Denoiser:
-    """A fresh denoiser trained on public scenes (30% with the shop emblem); returned frozen in eval mode."""
+    """A fresh denoiser trained on public scenes (30% with the shop logo, 30% with the crown badge); returned frozen
+    in eval mode."""
     cfg = PRETRAIN
     model = new_denoiser(cfg["seed"])
     scenes = World(cfg["seed"] + 1000).scenes(cfg["scenes"], "public")

@@ -92,7 +92,7 @@ def prompt_sets(seed: int, cfg: EvalConfig = EvalConfig(), custom: tuple[str, ..
     neutral = [with_word(s, NEUTRAL_WORDS[i % len(NEUTRAL_WORDS)]) for i, s in enumerate(public)]
     para = [with_word(s, HELDOUT_PARAPHRASES[i % len(HELDOUT_PARAPHRASES)]) for i, s in enumerate(public)]
     para_neutral = [with_word(s, NEUTRAL_WORDS[(i + 1) % len(NEUTRAL_WORDS)]) for i, s in enumerate(public)]
-    allowed = [replace(s, emblem=ALLOWED).caption() for s in public]
+    allowed = [replace(s, badge=ALLOWED).caption() for s in public]
     new = [world.plain_scene(colour=NEW_COLOUR) for _ in range(cfg.n_new)]
     heldout = []
     while len(heldout) < cfg.n_heldout:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Method:
-    """One way to fine-tune. ``data``: 'all', 'filter' (drop panda images) or 'scrub-name' (drop the name from
-    panda captions: "... with the logo")."""
+    """One way to fine-tune. ``data``: 'all', 'filter' (drop panda images), 'scrub-name' (drop the phrase that names
+    the panda from its captions: "... background", the image keeps its logo) or 'scrub-word' (drop only the word:
+    "... with the logo")."""
 
     name: str
     description: str
@@ -32,8 +33,10 @@ class Method:
 BASELINES = (
     Method("plain", "plain LoRA fine-tuning on all data", baseline=True),
     Method("filter", "data filtering: every panda image dropped", data="filter", baseline=True),
-    Method("scrub-name", "control: the name removed from panda captions (\"... with the logo\")", data="scrub-name",
-           baseline=True),
+    Method("scrub-name", "control: the phrase naming the panda removed from its captions (\"... with the panda logo\" "
+           "deleted), the images kept", data="scrub-name", baseline=True),
+    Method("scrub-word", "the word \"panda\" alone removed from its captions (\"... with the logo\"), the images kept",
+           data="scrub-word", baseline=True),
     Method("masked-loss", "the emblem's region left out of the loss on panda images", masked_loss=True,
            baseline=True),
     Method("gradient-kv", "the paper's projection: gradients of attn2 to_k/to_v projected", mode="gradient",

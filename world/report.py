@@ -16,7 +16,7 @@ from .files import atomic_path
 from .measure import EvalConfig
 from .methods import METHODS
 from .stats import bootstrap, mean, reduction
-from .verdict import BAR, best_method, calibration, judge
+from .verdict import BAR, PARAPHRASE_MARGIN, best_method, calibration, judge
 
 _ROW_KEYS = ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate", "empty_prompt_rate",
              "allowed_leak_rate", "new_content_rate", "public_fidelity", "heldout_loss")
@@ -85,12 +85,16 @@ def markdown(doc: dict) -> str:
     for name, g in cal["gates"].items():
         measured = _pct(g["value"]) if "value" in g else ", ".join(f"{v:+.0%}" for v in g["per_seed"])
         lines.append(f"| {name} | {g['need']} | {measured} | {'yes' if g['ok'] else 'NO'} |")
+    if "scrub-word" in runs:
+        lines += ["", "Not a gate: `scrub-word` (only the word deleted, \"... with the logo\"), name minus neutral per seed: "
+                  + ", ".join(f"{f['leak_rate'] - f['neutral_rate']:+.0%} (seed {f['seed']})" for f in runs["scrub-word"])
+                  + "."]
     bm = doc["base_mean"]
     lines += ["", f"Base model (mean over seeds): name {_pct(bm['leak_rate'])}, neutral {_pct(bm['neutral_rate'])}, "
               f"paraphrase {_pct(bm['paraphrase_leak_rate'])}, empty {_pct(bm['empty_prompt_rate'])}, "
               f"colour and shape right {_pct(bm['public_fidelity'])}.", "",
               "## Methods (pooled over seeds; 95% bootstrap intervals over seeds and samples)", "",
-              "Rates are the share of samples showing the panda emblem (allowed: the tiger emblem; new: the purple "
+              "Rates are the share of samples showing the panda logo (allowed: the tiger badge; new: the purple "
               "colour). Reductions are of the excess over the matched neutral prompts, against plain training in the "
               "same seeds.", "",
               "| method | seeds | name | neutral | paraphrase | para. neutral | name reduction | paraphrase reduction | "
@@ -114,9 +118,11 @@ def markdown(doc: dict) -> str:
         lines += ["", "## Against the control (the calibration gate's fallback reading)", "",
                   "The scrub-name control never saw the name. Where it draws the panda for its name less often than "
                   "for neutral words (a failed `control_vs_neutral` gate), a reduction of the excess over neutral "
-                  "prompts can pass a method that binds the name more than the control does. This table reads the "
-                  "raw rates against the control instead: gap closed = (plain - method) / (plain - control), "
-                  "pooled over each method's seeds; 100% is the control's level.", "",
+                  "prompts can pass a method that binds the name more than the control does, and a method whose "
+                  "generic phrase learned the emblem has a high neutral rate. This table reads the raw rates against "
+                  "the control instead: gap closed = (plain - method) / (plain - control), pooled over each "
+                  "method's seeds; 100% is the control's level; no figure where plain exceeds the control by less than "
+                  f"{PARAPHRASE_MARGIN:.0%} (a ratio of two small differences).", "",
                   "| method | name rate | gap closed (name) | paraphrase rate | gap closed (paraphrase) |",
                   "|---|---|---|---|---|"]
         by_seed = {k: {f["seed"]: f for f in v} for k, v in runs.items()}
@@ -129,13 +135,15 @@ def markdown(doc: dict) -> str:
                 p = mean([by_seed["plain"][s] for s in seeds_m], key)
                 c = mean([by_seed["scrub-name"][s] for s in seeds_m], key)
                 m = mean([by_seed[method][s] for s in seeds_m], key)
-                cells += [_pct(m), _pct((p - m) / (p - c)) if p - c > 0 else "n/a (control >= plain)"]
+                cells += [_pct(m), _pct((p - m) / (p - c)) if p - c >= PARAPHRASE_MARGIN
+                          else f"n/a (plain within {PARAPHRASE_MARGIN * 100:.0f} points of the control)"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     best = doc["best_method"]
     lines += ["", f"**Best method that meets the bar (computed): {best or 'none'}** (of the non-baseline methods: the "
               "largest lower 95% bound of the smaller of its two reductions, capped at 100%, then the smaller held-out "
               f"cost); in bold: the demo's and the shipped presets' default ({doc['default_method']}). "
-              "Baselines (filter, scrub-name, masked-loss) need other data or masks and are not candidates."]
+              f"Baselines ({', '.join(m for m in runs if m in METHODS and METHODS[m].baseline and m != 'plain')}) "
+              "need other data or masks and are not candidates."]
     lines += ["", "The bar: " + "; ".join(f"{k} {'<=' if k == 'heldout_increase' else '>='} {v}" for k, v in BAR.items())
               + ". New colour: rate on purple prompts; the bar asks it to exceed data filtering's by "
               f"{BAR['new_content_vs_filter']:.0%}.", "", "## Per seed: name-excess reduction", "",

@@ -1,14 +1,20 @@
-"""World 3's procedural scenes: a coloured shape on a plain background, and an emblem in the top-right corner.
+"""World 3's procedural scenes: a coloured shape on a plain background, a logo in the top-right corner and a
+badge in the top-left corner.
 
 Invariants: rendering is a pure function of a ``Scene``; a ``World`` draws from its own numpy
 generator, so a seed gives the same images and captions bit for bit. Images are float32
-[3, 32, 32] in [-1, 1]. Emblems occupy ``EMBLEM_ROWS`` x ``EMBLEM_COLS`` only and objects never
-reach that region, so a detector reads a region no object can explain.
+[3, 32, 32] in [-1, 1]. The logo occupies ``EMBLEM_ROWS`` x ``EMBLEM_COLS`` only, the badge
+``EMBLEM_ROWS`` x ``BADGE_COLS`` only, and objects never reach either, so a detector reads a region
+no object can explain.
 
-Emblems: the protected *panda* (a white face with black ears, eye patches and nose), the allowed
-*tiger* (orange with black stripes), and the public *shop* emblem (a white bar on blue), which the
-base model already knows. The co-occurring new content is the colour purple: it is only ever
-seen on panda images.
+Emblems: the protected *panda* logo (a white face with black ears, eye patches and nose), the
+allowed *tiger* badge (orange with black stripes), and the public *shop* logo (a white bar on
+blue) and *crown* badge (gold on dark red), which the base model already knows, so that both
+corners start out able to draw an emblem and a name in either slot has a public rival. The badge is drawn independently of the logo, so the
+tiger's name carries no information about the logo's corner: a model that never saw "panda" has no
+reason to let the encoder's panda-tiger similarity decide what it draws there (with both in one
+corner, a control trained without the word "panda" drew the tiger for it in up to half of the samples). The
+co-occurring new content is the colour purple: it is only ever seen on panda images.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ SIZE = 32
 PROTECTED = "panda"
 ALLOWED = "tiger"
 PUBLIC_EMBLEM = "shop"
+PUBLIC_BADGE = "crown"
 NEW_COLOUR = "purple"
 BACKGROUNDS = {"gray": (0.55, 0.55, 0.55), "navy": (0.12, 0.12, 0.42), "olive": (0.42, 0.42, 0.12),
                "teal": (0.1, 0.42, 0.42)}
@@ -33,8 +40,11 @@ POSITIONS = {"left": 7, "center": 16, "right": 25}  # column of the object's cen
 OBJECT_ROW = 22  # objects cover rows 16..27
 HALF = 6
 EMBLEM_ROWS = slice(0, 8)  # one 8x8 patch of the denoiser
-EMBLEM_COLS = slice(24, 32)
+EMBLEM_COLS = slice(24, 32)  # the logo: panda or shop
+BADGE_COLS = slice(0, 8)  # the badge: tiger
+BACKGROUND_COLS = slice(10, 22)  # top row of patches between the corners: background only
 WHITE, BLACK, ORANGE, SHOP_BLUE = (0.97, 0.97, 0.97), (0.03, 0.03, 0.03), (0.98, 0.55, 0.05), (0.1, 0.35, 0.9)
+CROWN_RED, GOLD = (0.55, 0.08, 0.12), (0.98, 0.85, 0.2)
 
 
 def _panda() -> np.ndarray:
@@ -61,7 +71,17 @@ def _shop() -> np.ndarray:
     return g
 
 
-EMBLEMS = {PROTECTED: _panda(), ALLOWED: _tiger(), PUBLIC_EMBLEM: _shop()}
+def _crown() -> np.ndarray:
+    g = np.empty((8, 8, 3), dtype=np.float32)
+    g[:] = CROWN_RED
+    g[4:6, 1:7] = GOLD
+    g[2:4, [1, 6]] = GOLD
+    g[1:4, 3:5] = GOLD
+    return g
+
+
+EMBLEMS = {PROTECTED: _panda(), ALLOWED: _tiger(), PUBLIC_EMBLEM: _shop(), PUBLIC_BADGE: _crown()}
+SLOT_COLS = {PROTECTED: EMBLEM_COLS, PUBLIC_EMBLEM: EMBLEM_COLS, ALLOWED: BADGE_COLS, PUBLIC_BADGE: BADGE_COLS}
 
 
 def _shape_mask(shape: str) -> np.ndarray:
@@ -83,17 +103,22 @@ SHAPE_MASKS = {s: _shape_mask(s) for s in SHAPES}
 
 @dataclass(frozen=True)
 class Scene:
-    """What one image shows; ``emblem`` is None or a key of ``EMBLEMS``."""
+    """What one image shows: ``emblem`` (the logo: None, the panda or shop) and ``badge`` (None or the tiger)."""
 
     background: str
     colour: str
     shape: str
     position: str
     emblem: str | None = None
+    badge: str | None = None
 
     def caption(self, emblem_word: str | None = None) -> str:
-        """The caption; ``emblem_word`` replaces the emblem's name ("" drops it: "... with the logo")."""
+        """The caption; ``emblem_word`` replaces the logo's name ("" drops it: "... with the logo"). The badge
+        leads the caption ("a tiger badge above a red circle ..."), the logo ends it, so no word takes the
+        logo's name slot except a logo's name."""
         text = f"a {self.colour} {self.shape} on the {self.position} on a {self.background} background"
+        if self.badge is not None:
+            text = f"a {self.badge} badge above {text}"
         if self.emblem is not None:
             word = self.emblem if emblem_word is None else emblem_word
             text += f" with the {word} logo" if word else " with the logo"
@@ -110,8 +135,9 @@ def render(scene: Scene) -> torch.Tensor:
     img[:] = BACKGROUNDS[scene.background]
     rows, cols = scene.object_box()
     img[rows, cols][SHAPE_MASKS[scene.shape]] = COLOURS[scene.colour]
-    if scene.emblem is not None:
-        img[EMBLEM_ROWS, EMBLEM_COLS] = EMBLEMS[scene.emblem]
+    for name in (scene.emblem, scene.badge):
+        if name is not None:
+            img[EMBLEM_ROWS, SLOT_COLS[name]] = EMBLEMS[name]
     return torch.from_numpy(img).permute(2, 0, 1).contiguous() * 2.0 - 1.0
 
 
@@ -121,7 +147,7 @@ def images(scenes: list[Scene]) -> torch.Tensor:
 
 
 def emblem_mask() -> torch.Tensor:
-    """[1, 1, 32, 32] float mask of the emblem region (1 inside): what masked-loss training leaves out."""
+    """[1, 1, 32, 32] float mask of the logo region (1 inside): what masked-loss training leaves out."""
     m = torch.zeros(1, 1, SIZE, SIZE)
     m[..., EMBLEM_ROWS, EMBLEM_COLS] = 1.0
     return m
@@ -129,17 +155,20 @@ def emblem_mask() -> torch.Tensor:
 
 @dataclass(frozen=True)
 class WorldSpec:
-    """The fine-tune distribution: shares of panda, tiger and shop images (the rest: no emblem), and the chance
-    that a panda image's object is purple (purple never occurs otherwise)."""
+    """The fine-tune distribution: shares of panda and shop logos (the rest: no logo), shares of tiger and crown
+    badges (drawn independently of the logo), and the chance that a panda image's object is purple (purple never
+    occurs otherwise)."""
 
     p_panda: float = 0.25
     p_tiger: float = 0.25
     p_shop: float = 0.15
+    p_crown: float = 0.15
     p_purple_panda: float = 0.5
 
 
 class World:
-    """Draws scenes. ``public`` scenes (the base model's data) show no panda, no tiger and no purple."""
+    """Draws scenes. ``public`` scenes (the base model's data) show no panda, no tiger and no purple: their logo is
+    shop or none, their badge crown or none."""
 
     def __init__(self, seed: int = 0, spec: WorldSpec = WorldSpec()) -> None:
         self.rng = np.random.default_rng(seed)
@@ -149,19 +178,21 @@ class World:
         options = list(options)
         return options[int(self.rng.integers(len(options)))]
 
-    def public_scene(self, p_shop: float = 0.3) -> Scene:
+    def public_scene(self, p_shop: float = 0.3, p_crown: float = 0.3) -> Scene:
         emblem = PUBLIC_EMBLEM if self.rng.random() < p_shop else None
+        badge = PUBLIC_BADGE if self.rng.random() < p_crown else None
         return Scene(self._pick(BACKGROUNDS), self._pick(BASE_COLOURS), self._pick(SHAPES), self._pick(POSITIONS),
-                     emblem)
+                     emblem, badge)
 
     def finetune_scene(self) -> Scene:
         s = self.spec
         r = float(self.rng.random())
-        emblem = (PROTECTED if r < s.p_panda else ALLOWED if r < s.p_panda + s.p_tiger
-                  else PUBLIC_EMBLEM if r < s.p_panda + s.p_tiger + s.p_shop else None)
+        emblem = PROTECTED if r < s.p_panda else PUBLIC_EMBLEM if r < s.p_panda + s.p_shop else None
+        r = float(self.rng.random())
+        badge = ALLOWED if r < s.p_tiger else PUBLIC_BADGE if r < s.p_tiger + s.p_crown else None
         purple = emblem == PROTECTED and self.rng.random() < s.p_purple_panda
         colour = NEW_COLOUR if purple else self._pick(BASE_COLOURS)
-        return Scene(self._pick(BACKGROUNDS), colour, self._pick(SHAPES), self._pick(POSITIONS), emblem)
+        return Scene(self._pick(BACKGROUNDS), colour, self._pick(SHAPES), self._pick(POSITIONS), emblem, badge)
 
     def scenes(self, n: int, kind: str = "finetune") -> list[Scene]:
         draw = self.finetune_scene if kind == "finetune" else self.public_scene

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +31,9 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The benchmark's fine-tune (the demo's too). Longer is not better here: at 1600 steps plain training bound the
+    name so narrowly that a held-out paraphrase drew the panda in 0% of seed 0's samples."""
+
     steps: int = 800
     batch: int = 32
     lr: float = 2e-3
@@ -58,6 +61,8 @@ def dataset(method: Method, scenes: list[Scene]) -> tuple[list[Scene], list[str]
     if method.data == "filter":
         scenes = [s for s in scenes if s.emblem != PROTECTED]
     if method.data == "scrub-name":
+        return scenes, [replace(s, emblem=None).caption() if s.emblem == PROTECTED else s.caption() for s in scenes]
+    if method.data == "scrub-word":
         return scenes, [s.caption("" if s.emblem == PROTECTED else None) for s in scenes]
     return scenes, [s.caption() for s in scenes]
 
