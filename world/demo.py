@@ -169,7 +169,8 @@ def main(args) -> int:
         print("Your prompts: " + ", ".join(f"{name} {m['custom']['leak_rate']:.0%}" for name, m in methods.items())
               + " of samples show the panda emblem.")
     print(f"Calibration of this world in this seed: {'ok' if doc['calibration_ok'] else 'FAILED'} "
-          f"({', '.join(k for k, g in gate['gates'].items() if not g['ok']) or 'all gates held'}). "
+          f"({', '.join(k for k, g in gate['gates'].items() if not g['ok']) or 'all gates held'}; the control and "
+          f"filtering gates and the other seeds need the benchmark: benchmarks/RESULTS-evidence.md). "
           f"Wrote {grid}, {', '.join(lora_files.values())} in {doc['seconds']:.0f} s.")
     if args.json:
         write_json(doc, args.json)
