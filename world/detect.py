@@ -43,8 +43,8 @@ def emblem_correlations(x: torch.Tensor, cols: slice = EMBLEM_COLS) -> tuple[tor
 
 
 def emblems(x: torch.Tensor, cols: slice = EMBLEM_COLS) -> list[str | None]:
-    """Per image [n, 3, 32, 32] in [-1, 1]: the emblem its corner ``cols`` shows ('panda', 'tiger', 'shop') or
-    None; the logo's corner by default, ``BADGE_COLS`` for the badge."""
+    """Per image [n, 3, 32, 32] in [-1, 1]: the emblem its corner ``cols`` shows (a key of ``EMBLEMS``) or None;
+    the logo's corner by default, ``BADGE_COLS`` for the badge."""
     corr, contrast = emblem_correlations(x, cols)
     best = corr.argmax(dim=1)
     return [_NAMES[k] if float(contrast[i]) >= MIN_CONTRAST and float(corr[i, k]) >= MIN_CORRELATION else None

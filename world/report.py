@@ -85,10 +85,11 @@ def markdown(doc: dict) -> str:
     for name, g in cal["gates"].items():
         measured = _pct(g["value"]) if "value" in g else ", ".join(f"{v:+.0%}" for v in g["per_seed"])
         lines.append(f"| {name} | {g['need']} | {measured} | {'yes' if g['ok'] else 'NO'} |")
-    if "scrub-word" in runs:
-        lines += ["", "Not a gate: `scrub-word` (only the word deleted, \"... with the logo\"), name minus neutral per seed: "
-                  + ", ".join(f"{f['leak_rate'] - f['neutral_rate']:+.0%} (seed {f['seed']})" for f in runs["scrub-word"])
-                  + "."]
+    word_control = runs.get("scrub-word")
+    if word_control:
+        per_seed = ", ".join(f"{f['leak_rate'] - f['neutral_rate']:+.0%} (seed {f['seed']})" for f in word_control)
+        lines += ["", "Not a gate: `scrub-word` (only the word deleted, \"... with the logo\"), name minus neutral per "
+                  f"seed: {per_seed}."]
     bm = doc["base_mean"]
     lines += ["", f"Base model (mean over seeds): name {_pct(bm['leak_rate'])}, neutral {_pct(bm['neutral_rate'])}, "
               f"paraphrase {_pct(bm['paraphrase_leak_rate'])}, empty {_pct(bm['empty_prompt_rate'])}, "

@@ -10,11 +10,12 @@ no object can explain.
 Emblems: the protected *panda* logo (a white face with black ears, eye patches and nose), the
 allowed *tiger* badge (orange with black stripes), and the public *shop* logo (a white bar on
 blue) and *crown* badge (gold on dark red), which the base model already knows, so that both
-corners start out able to draw an emblem and a name in either slot has a public rival. The badge is drawn independently of the logo, so the
-tiger's name carries no information about the logo's corner: a model that never saw "panda" has no
-reason to let the encoder's panda-tiger similarity decide what it draws there (with both in one
-corner, a control trained without the word "panda" drew the tiger for it in up to half of the samples). The
-co-occurring new content is the colour purple: it is only ever seen on panda images.
+corners start out able to draw an emblem and a name in either slot has a public rival. The badge
+is drawn independently of the logo, so the tiger's name carries no information about the logo's
+corner: a model that never saw "panda" has no reason to let the encoder's panda-tiger similarity
+decide what it draws there (with both in one corner, a control trained without the word "panda"
+drew the tiger for it in up to half of the samples). The co-occurring new content is the colour
+purple: it is only ever seen on panda images.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ OBJECT_ROW = 22  # objects cover rows 16..27
 HALF = 6
 EMBLEM_ROWS = slice(0, 8)  # one 8x8 patch of the denoiser
 EMBLEM_COLS = slice(24, 32)  # the logo: panda or shop
-BADGE_COLS = slice(0, 8)  # the badge: tiger
+BADGE_COLS = slice(0, 8)  # the badge: tiger or crown
 BACKGROUND_COLS = slice(10, 22)  # top row of patches between the corners: background only
 WHITE, BLACK, ORANGE, SHOP_BLUE = (0.97, 0.97, 0.97), (0.03, 0.03, 0.03), (0.98, 0.55, 0.05), (0.1, 0.35, 0.9)
 CROWN_RED, GOLD = (0.55, 0.08, 0.12), (0.98, 0.85, 0.2)
@@ -103,7 +104,7 @@ SHAPE_MASKS = {s: _shape_mask(s) for s in SHAPES}
 
 @dataclass(frozen=True)
 class Scene:
-    """What one image shows: ``emblem`` (the logo: None, the panda or shop) and ``badge`` (None or the tiger)."""
+    """What one image shows: ``emblem`` (the logo: None, panda or shop) and ``badge`` (None, tiger or crown)."""
 
     background: str
     colour: str
