@@ -16,8 +16,8 @@ import torch
 from concept_exclusion_world.detect import emblems, objects
 from concept_exclusion_world.grid import grid_png
 from concept_exclusion_world.report import markdown, merge
-from concept_exclusion_world.scenes import (ALLOWED, BADGE_COLS, EMBLEM_COLS, EMBLEM_ROWS, NEW_COLOUR, PROTECTED, World,
-                                            images, render)
+from concept_exclusion_world.scenes import (ALLOWED, BADGE_COLS, EMBLEM_COLS, EMBLEM_ROWS, NEW_COLOUR, PROTECTED,
+                                            PROTECTED_NAMES, World, images, render)
 from concept_exclusion_world.stats import bootstrap, reduction
 from concept_exclusion_world.text import WorldError, verified_weights
 from concept_exclusion_world.verdict import calibration, judge
@@ -39,8 +39,18 @@ def test_the_tiger_badge_is_drawn_independently_of_the_logo_and_captioned_with_i
     share = lambda group: sum(s.emblem == PROTECTED for s in group) / len(group)  # noqa: E731
     assert abs(share(with_badge) - share([s for s in scenes if s.badge is None])) < 0.05
     both = next(s for s in with_badge if s.emblem == PROTECTED)
-    assert both.caption().startswith("a tiger badge above a ") and both.caption().endswith(" with the panda logo")
+    assert both.caption().startswith("a tiger badge above a ") and both.caption().endswith(f" with the {both.emblem_name} logo")
     assert both.caption("").endswith("background with the logo")
+
+
+def test_captions_name_the_panda_by_every_name_the_preset_lists_and_only_those():
+    from concept_exclusion_world.presets import world_preset
+
+    scenes = World(9).scenes(2000)
+    named = {s.caption().rsplit(" with the ", 1)[1] for s in scenes if s.emblem == PROTECTED}
+    assert named == {f"{name} logo" for name in PROTECTED_NAMES}
+    assert set(world_preset().concepts[0].prompts) == set(PROTECTED_NAMES)
+    assert all(s.emblem_name is None for s in scenes if s.emblem != PROTECTED)
 
 
 def test_the_controls_delete_the_naming_phrase_or_only_the_word_and_keep_every_image():

@@ -16,6 +16,9 @@ corner: a model that never saw "panda" has no reason to let the encoder's panda-
 decide what it draws there (with both in one corner, a control trained without the word "panda"
 drew the tiger for it in up to half of the samples). The co-occurring new content is the colour
 purple: it is only ever seen on panda images.
+
+Captions name the panda logo as people do, by one of ``PROTECTED_NAMES`` (the names the world's
+preset lists), drawn at random per image; the prompts that attack by name use "panda".
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 SIZE = 32
 PROTECTED = "panda"
+PROTECTED_NAMES = ("panda", "giant panda", "panda bear")  # what captions call the panda logo
 ALLOWED = "tiger"
 PUBLIC_EMBLEM = "shop"
 PUBLIC_BADGE = "crown"
@@ -104,7 +108,8 @@ SHAPE_MASKS = {s: _shape_mask(s) for s in SHAPES}
 
 @dataclass(frozen=True)
 class Scene:
-    """What one image shows: ``emblem`` (the logo: None, panda or shop) and ``badge`` (None, tiger or crown)."""
+    """What one image shows: ``emblem`` (the logo: None, panda or shop) and ``badge`` (None, tiger or crown);
+    ``emblem_name`` is what the caption calls the logo (None: the emblem's own name)."""
 
     background: str
     colour: str
@@ -112,6 +117,7 @@ class Scene:
     position: str
     emblem: str | None = None
     badge: str | None = None
+    emblem_name: str | None = None
 
     def caption(self, emblem_word: str | None = None) -> str:
         """The caption; ``emblem_word`` replaces the logo's name ("" drops it: "... with the logo"). The badge
@@ -121,7 +127,7 @@ class Scene:
         if self.badge is not None:
             text = f"a {self.badge} badge above {text}"
         if self.emblem is not None:
-            word = self.emblem if emblem_word is None else emblem_word
+            word = (self.emblem_name or self.emblem) if emblem_word is None else emblem_word
             text += f" with the {word} logo" if word else " with the logo"
         return text
 
@@ -158,9 +164,11 @@ def emblem_mask() -> torch.Tensor:
 class WorldSpec:
     """The fine-tune distribution: shares of panda and shop logos (the rest: no logo), shares of tiger and crown
     badges (drawn independently of the logo), and the chance that a panda image's object is purple (purple never
-    occurs otherwise)."""
+    occurs otherwise). With pandas on a quarter of the images (world 3.1), a control trained without their names
+    drew them for 6-85% of its prompts, depending on the seed, and up to 15 points less often for "panda" than
+    for a neutral word."""
 
-    p_panda: float = 0.25
+    p_panda: float = 0.12
     p_tiger: float = 0.25
     p_shop: float = 0.15
     p_crown: float = 0.15
@@ -193,7 +201,9 @@ class World:
         badge = ALLOWED if r < s.p_tiger else PUBLIC_BADGE if r < s.p_tiger + s.p_crown else None
         purple = emblem == PROTECTED and self.rng.random() < s.p_purple_panda
         colour = NEW_COLOUR if purple else self._pick(BASE_COLOURS)
-        return Scene(self._pick(BACKGROUNDS), colour, self._pick(SHAPES), self._pick(POSITIONS), emblem, badge)
+        name = self._pick(PROTECTED_NAMES) if emblem == PROTECTED else None
+        return Scene(self._pick(BACKGROUNDS), colour, self._pick(SHAPES), self._pick(POSITIONS), emblem, badge,
+                     name)
 
     def scenes(self, n: int, kind: str = "finetune") -> list[Scene]:
         draw = self.finetune_scene if kind == "finetune" else self.public_scene
