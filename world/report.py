@@ -16,7 +16,11 @@ from .files import atomic_path
 from .measure import EvalConfig
 from .methods import METHODS
 from .stats import bootstrap, mean, reduction
-from .verdict import BAR, PARAPHRASE_MARGIN, best_method, calibration, judge
+from .verdict import BAR, best_method, calibration, judge
+
+# the against-the-control reading divides by plain minus control: no figure below this gap (a ratio of two small
+# differences; the first 3.1 report printed 1682%)
+MIN_CONTROL_GAP = 0.15
 
 _ROW_KEYS = ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate", "empty_prompt_rate",
              "allowed_leak_rate", "new_content_rate", "public_fidelity", "heldout_loss")
@@ -123,7 +127,7 @@ def markdown(doc: dict) -> str:
                   "generic phrase learned the emblem has a high neutral rate. This table reads the raw rates against "
                   "the control instead: gap closed = (plain - method) / (plain - control), pooled over each "
                   "method's seeds; 100% is the control's level; no figure where plain exceeds the control by less than "
-                  f"{PARAPHRASE_MARGIN:.0%} (a ratio of two small differences).", "",
+                  f"{MIN_CONTROL_GAP:.0%} (a ratio of two small differences).", "",
                   "| method | name rate | gap closed (name) | paraphrase rate | gap closed (paraphrase) |",
                   "|---|---|---|---|---|"]
         by_seed = {k: {f["seed"]: f for f in v} for k, v in runs.items()}
@@ -136,8 +140,8 @@ def markdown(doc: dict) -> str:
                 p = mean([by_seed["plain"][s] for s in seeds_m], key)
                 c = mean([by_seed["scrub-name"][s] for s in seeds_m], key)
                 m = mean([by_seed[method][s] for s in seeds_m], key)
-                cells += [_pct(m), _pct((p - m) / (p - c)) if p - c >= PARAPHRASE_MARGIN
-                          else f"n/a (plain within {PARAPHRASE_MARGIN * 100:.0f} points of the control)"]
+                cells += [_pct(m), _pct((p - m) / (p - c)) if p - c >= MIN_CONTROL_GAP
+                          else f"n/a (plain within {MIN_CONTROL_GAP * 100:.0f} points of the control)"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     best = doc["best_method"]
     lines += ["", f"**Best method that meets the bar (computed): {best or 'none'}** (of the non-baseline methods: the "

@@ -31,8 +31,8 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The benchmark's fine-tune (the demo's too). Longer is not better here: at 1600 steps plain training bound the
-    name so narrowly that a held-out paraphrase drew the panda in 0% of seed 0's samples."""
+    """The benchmark's fine-tune (the demo's too). Longer is not better here: in world 3.1, at 1600 steps plain
+    training bound the name so narrowly that a held-out paraphrase drew the panda in 0% of seed 0's samples."""
 
     steps: int = 800
     batch: int = 32
