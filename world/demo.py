@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 DEFAULT_METHOD = "preserve-base"
-DEMO_SEED = 0
+DEMO_SEED = 1  # the median seed of the benchmark on both headline reductions (docs/evidence.md)
 COLUMNS = (("leak_rate", "name"), ("neutral_rate", "neutral"), ("paraphrase_leak_rate", "paraphrase"),
            ("allowed_leak_rate", "allowed tiger"), ("new_content_rate", "new colour"), ("heldout_loss", "held-out loss"))
 JSON_KEYS = ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate", "empty_prompt_rate",
