@@ -165,7 +165,7 @@ class WorldSpec:
     """The fine-tune distribution: shares of panda and shop logos (the rest: no logo), shares of tiger and crown
     badges (drawn independently of the logo), and the chance that a panda image's object is purple (purple never
     occurs otherwise). With pandas on a quarter of the images (world 3.1), a control trained without their names
-    drew them for 6-85% of its prompts, depending on the seed, and up to 15 points less often for "panda" than
+    drew them for 6-89% of its prompts, depending on the seed, and up to 15 points less often for "panda" than
     for a neutral word."""
 
     p_panda: float = 0.12
