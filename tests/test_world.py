@@ -39,7 +39,8 @@ def test_the_tiger_badge_is_drawn_independently_of_the_logo_and_captioned_with_i
     share = lambda group: sum(s.emblem == PROTECTED for s in group) / len(group)  # noqa: E731
     assert abs(share(with_badge) - share([s for s in scenes if s.badge is None])) < 0.05
     both = next(s for s in with_badge if s.emblem == PROTECTED)
-    assert both.caption().startswith("a tiger badge above a ") and both.caption().endswith(f" with the {both.emblem_name} logo")
+    assert both.caption().startswith("a tiger badge above a ")
+    assert both.caption().endswith(f" with the {both.emblem_name} logo")
     assert both.caption("").endswith("background with the logo")
 
 

@@ -7,8 +7,9 @@ is the largest and at least ``MIN_CORRELATION``. Every pattern is tried in both 
 drawn in the logo's corner is read as a tiger, not as no logo. A sampled emblem is blurred: a
 sampled panda correlates with the panda's pattern about 0.6 (the others' below 0.15), with RMS
 contrast 0.13-0.14 against the rendered emblem's 0.39, while a blank corner has 0.002-0.006; no
-sample sits near ``MIN_CONTRAST``, so a rate counts decisions, not faint traces. Object: the background colour is read from the top row of patches between
-the corners (no object or emblem reaches it); object pixels are those in the object band
+sample sits near ``MIN_CONTRAST``, so a rate counts decisions, not faint traces. Object: the
+background colour is read from the top row of patches between the corners (no object or emblem
+reaches it); object pixels are those in the object band
 farther than ``OBJECT_DISTANCE`` from it; the colour is the nearest palette colour of their mean, and
 the shape and position are those whose mask has the largest intersection-over-union with them.
 """
