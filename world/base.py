@@ -39,6 +39,8 @@ def cache_dir() -> Path:
 
 
 def recipe_hash(encoder_sha256: str) -> str:
+    # "world" names the version of the public scenes: world 3.2 changed only the fine-tune data, so the base of 3.1
+    # is still the base
     doc = {"denoiser": CONFIG, "pretrain": PRETRAIN, "encoder": encoder_sha256, "world": "3.1"}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
