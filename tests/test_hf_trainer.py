@@ -11,7 +11,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 from diffusers import DDPMScheduler  # noqa: E402
-from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from concept_exclusion.errors import ConceptExclusionError  # noqa: E402
 from concept_exclusion.integrations.hf_trainer import (  # noqa: E402
@@ -63,12 +63,12 @@ def _parse(tmp_path, extra: list[str]):
     return parser.parse_args_into_dataclasses(argv + extra)
 
 
-def _train(sd, tmp_path, extra, resume=None, model=None):
+def _train(sd, tmp_path, extra, resume=None, model=None, extra_callbacks=()):
     train_args, concept_args = _parse(tmp_path, extra)
     model = model or TinyDiffusion(sd.unet(), sd.text_encoder)
     callback = ConceptExclusionCallback.from_args(concept_args, tokenizer=sd.tokenizer, text_encoder=sd.text_encoder)
     trainer = Trainer(model=model, args=train_args, train_dataset=Captions(sd.tokenizer),
-                      callbacks=[callback] if callback else [])
+                      callbacks=([callback] if callback else []) + list(extra_callbacks))
     trainer.train(resume_from_checkpoint=resume)
     return trainer, model, callback
 
@@ -125,44 +125,50 @@ def test_callback_offers_the_presets_output_preservation(sd, preset_file):
     assert ConceptExclusionCallback(plain).preservation is None
 
 
-def test_trainer_with_flag_holds_invariant_and_clipping_sees_projected_norm(sd, tmp_path, preset_file, monkeypatch):
+class GradientRecorder(TrainerCallback):
+    """Copies every gradient at ``on_pre_optimizer_step``: after the Trainer clipped them, before the step."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.seen.append({n: p.grad.detach().double().clone() for n, p in model.named_parameters()
+                          if p.grad is not None})
+
+
+@pytest.mark.parametrize("max_grad_norm, clipped", [("1e9", False), ("0.05", True)], ids=["unclipped", "clipped"])
+def test_trainer_with_flag_holds_invariant_and_clipping_sees_projected_norm(sd, tmp_path, preset_file,
+                                                                          max_grad_norm, clipped):
+    """Observed only through Trainer's public surface: the gradients it hands the optimizer (a callback), the
+    ``grad_norm`` it logs, and the weights. Unclipped, the logged norm is the norm of the projected gradients;
+    clipped, the gradients the optimizer gets are projected and have exactly ``max_grad_norm``."""
     model = TinyDiffusion(sd.unet(), sd.text_encoder)
     before = {n: p.detach().double().clone() for n, p in model.unet.named_parameters()}
-    seen = []
-    original = torch.nn.utils.clip_grad_norm_
-
-    def recording_clip(parameters, max_norm, *args, **kwargs):
-        params = [p for p in parameters if p.grad is not None]
-        seen.append({id(p): p.grad.detach().clone() for p in params})
-        total = original(params, max_norm, *args, **kwargs)
-        seen[-1]["total"] = float(total)
-        return total
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    recorder = GradientRecorder()
     trainer, model, callback = _train(sd, tmp_path, ["--concept_preset", str(preset_file),
-                                                     "--concept_project_context", "true"], model=model)
+                                                     "--concept_project_context", "true",
+                                                     "--max_grad_norm", max_grad_norm], model=model,
+                                      extra_callbacks=[recorder])
     exclusion = callback.exclusion
     assert exclusion is not None and exclusion.mode == "exact" and exclusion.steps == 4
     assert exclusion.project_context and callback.state()["args"]["project_context"] is True
-    basis = exclusion.subspace.basis().float()
+    basis = exclusion.subspace.basis().double()
     assert exclusion.max_leakage() < 1e-4  # float32 rounding of W against a small W - W0: ~5e-6
-    assert _relative_leak(before, model, basis.double()) < 1e-4
-    # clipping ran once per optimizer step, on gradients already projected, and its norm is theirs
-    assert len(seen) == 4
-    targets = {id(t.param): t for t in exclusion.targets}
+    assert _relative_leak(before, model, basis) < 1e-4
+
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
-    for call, logged_norm in zip(seen, logged):
-        total = call.pop("total")
-        projected_sq, residual = 0.0, 0.0
-        for pid, g in call.items():
-            if pid in targets:
-                residual = max(residual, float((g @ basis).norm() / g.norm()))
-                g = g - (g @ basis) @ basis.T
-            projected_sq += float(g.double().square().sum())
-        assert residual < 1e-5
-        assert total == pytest.approx(projected_sq ** 0.5, rel=1e-5)
-        assert logged_norm == pytest.approx(total, rel=1e-5)
-        assert total > 0.05  # clipping was active
+    assert len(recorder.seen) == len(logged) == 4  # one optimizer step, and one logged norm, per step
+    targeted = {n for n, _ in model.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n}
+    for grads, logged_norm in zip(recorder.seen, logged):
+        assert targeted <= set(grads)
+        residual = max(float((grads[n] @ basis).norm() / grads[n].norm()) for n in targeted)
+        assert residual < 1e-5  # the optimizer receives projected gradients
+        norm = float(sum(g.square().sum() for g in grads.values())) ** 0.5
+        if clipped:
+            assert logged_norm > 0.05  # clipping was active ...
+            assert norm == pytest.approx(0.05, rel=1e-4)  # ... and scaled the projected gradients to max_grad_norm
+        else:
+            assert logged_norm == pytest.approx(norm, rel=1e-5)  # the norm clipping measured is the projected one
     assert all("concept_leakage_max" in h for h in trainer.state.log_history if "loss" in h)
 
 
