@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
+from concept_exclusion.options import AttachOptions
+from concept_exclusion.plan import projection_of
 
 log = logging.getLogger("overhead")
 
@@ -222,8 +224,9 @@ def build_case(case: Case, mode: str, leakage_snapshots: bool = True):
                                                    target_modules=modules), model)
     for name, p in model.named_parameters():
         p.requires_grad_(case.kind == "full" or "lora_" in name)
-    exclusion = ConceptExclusion.attach(model, subspace, mode, strength=1.0, targets="kv",
-                                        leakage_snapshots=leakage_snapshots)
+    exclusion = ConceptExclusion.attach(model, subspace,
+                                        projection_of(subspace).overridden(mode=mode, strength=1.0, targets="kv"),
+                                        options=AttachOptions(leakage_snapshots=leakage_snapshots))
     concepts, grads = [], []
     gen = torch.Generator().manual_seed(3)
     for t in exclusion.targets:
@@ -235,31 +238,22 @@ def build_case(case: Case, mode: str, leakage_snapshots: bool = True):
 
 
 def held_memory(exclusion: ConceptExclusion) -> dict[str, int]:
-    """Bytes the exclusion keeps alive beyond the model (each storage counted once)."""
-    seen: set[int] = set()
-
-    def size(t: torch.Tensor | None) -> int:
-        if t is None or t.untyped_storage().data_ptr() in seen:
-            return 0
-        seen.add(t.untyped_storage().data_ptr())
-        return t.untyped_storage().nbytes()
-
-    device_bases = sum(size(c.basis) for c in exclusion._constraints)
-    stored = sum(size(c.stored) for c in exclusion._constraints)
-    snapshots = sum(size(t) for v in exclusion._initial.values() if v is not None for t in v)
-    host_bases = (sum(size(t.basis) for t in exclusion.targets)
-                  + sum(size(u) for u in exclusion.subspace.bases.values()))
-    return {"device_bases": device_bases, "stored_wu": stored, "snapshots": snapshots,
-            "host_bases_fp64": host_bases, "hook_state": 0, "hooks": len(exclusion._constraints)}
+    """Bytes the exclusion keeps alive beyond the model (``ConceptExclusion.memory``) and the host fp64 bases."""
+    held = exclusion.memory()
+    host = {id(t.basis): t.basis for t in exclusion.targets} | {id(u): u for u in exclusion.subspace.bases.values()}
+    return {"device_bases": held["device_bases"], "stored_wu": held["stored"], "snapshots": held["snapshots"],
+            "host_bases_fp64": sum(u.numel() * u.element_size() for u in host.values()), "hook_state": 0,
+            "hooks": held["constraints"]}
 
 
 def deferred_batched(exclusion: ConceptExclusion, grads: list[torch.Tensor]) -> Callable[[], None]:
     """The alternative design: one projection of all same-basis gradients after backward
     (what a post-accumulate hook + queue_callback would run), timed on the same tensors."""
     groups: dict[int, list[int]] = {}
-    for i, c in enumerate(exclusion._constraints):
-        groups.setdefault(id(c.basis), []).append(i)
-    plan = [(exclusion._constraints[idx[0]].basis, [grads[i] for i in idx]) for idx in groups.values()]
+    for i, t in enumerate(exclusion.targets):
+        groups.setdefault(id(t.basis), []).append(i)
+    plan = [(exclusion.targets[idx[0]].basis.to(grads[idx[0]].device, grads[idx[0]].dtype), [grads[i] for i in idx])
+            for idx in groups.values()]
 
     def run() -> None:
         for basis, gs in plan:
@@ -340,7 +334,7 @@ def run_case(case: Case, budget_s: float) -> dict:
         row["extra_share_of_unet"] = float(f"{extra / unet:.3e}")
         if case.model == "sdxl":  # attached without snapshots here; what keeping them costs:
             row["snapshot_bytes_if_kept"] = sum(t.param.numel() * 4 for t in targets)
-    exclusion.detach()
+    exclusion.uninstall()
     return row
 
 
@@ -418,7 +412,8 @@ def step_rows(label: str, config: dict, batch: int, kinds: tuple[str, ...], step
             if attached:
                 sub = ConceptSubspace.from_rows({"context": concept_matrix(SD15_CONTEXT, concept_rank, 1).T},
                                                 energy=1.0, max_rank=concept_rank, encoder="benchmark")
-                ex = ConceptExclusion.attach(unet, sub, "exact", targets="kv", optimizer=opt)
+                ex = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(mode="exact", targets="kv"),
+                                             optimizer=opt)
             return unet, params, opt, ex
 
         gen = torch.Generator().manual_seed(0)
@@ -482,7 +477,7 @@ def step_rows(label: str, config: dict, batch: int, kinds: tuple[str, ...], step
             row["sync_in_step"] = _cuda_sync_check(ex_step)
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev)
         rows.append(row)
-        ex.detach()
+        ex.uninstall()
         del plain, with_ex, unet, params, opt, ex, pairs
     return rows
 

@@ -44,6 +44,9 @@ from overhead import (NaiveProjection, _cuda_sync_check, _timer, build_model, co
                       held_memory, interleaved_ms, machine)
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace  # noqa: E402
+from concept_exclusion.options import AttachOptions
+from concept_exclusion.plan import projection_of
+from concept_exclusion.preset import Projection
 
 log = logging.getLogger("overhead_flux")
 
@@ -77,8 +80,9 @@ def reader_case(kind: str, rank: int, batch: int, budget_s: float, device: torch
     for name, p in model.named_parameters():
         p.requires_grad_(kind == "full" or "lora_" in name)
     sub = flux_subspace(rank)
-    ex = ConceptExclusion.attach(model, sub, "exact", targets="kv", project_context=True,
-                                 leakage_snapshots=kind != "full")
+    ex = ConceptExclusion.attach(model, sub,
+                                 projection_of(sub).overridden(mode="exact", targets="kv", project_context=True),
+                                 options=AttachOptions(leakage_snapshots=kind != "full"))
     gen = torch.Generator().manual_seed(0)
     t5 = torch.randn(batch, T5_TOKENS, T5_WIDTH, generator=gen).to(device)
     pooled = torch.randn(batch, POOLED, generator=gen).to(device)
@@ -129,7 +133,7 @@ def reader_case(kind: str, rank: int, batch: int, budget_s: float, device: torch
     ex.after_optimizer_step()
     mem = held_memory(ex)
     row = {"case": f"flux-readers-{kind}-k{rank}-b{batch}", "kind": kind, "concept_rank": rank, "batch": batch,
-           "device": str(device), "targets": len(ex.targets), "readers": len(ex._context.readers),
+           "device": str(device), "targets": len(ex.targets), "readers": len(ex.context.readers),
            **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
            "naive_over_ours_context": round(ms["naive_context"] / ms["ours_context"], 1),
            "naive_over_ours_exact": round(ms["naive_exact"] / ms["ours_exact"], 1),
@@ -138,7 +142,7 @@ def reader_case(kind: str, rank: int, batch: int, budget_s: float, device: torch
     if device.type == "cuda":
         row["sync_in_context"] = _cuda_sync_check(ours_context)
         row["sync_in_exact"] = _cuda_sync_check(ours_exact)
-    ex.detach()
+    ex.uninstall()
     return row
 
 
@@ -159,8 +163,9 @@ def step_rows(double: int, single: int, image_tokens: int, steps: int, rank: int
         for p in params:
             p.data = p.data.float()
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-        ex = ConceptExclusion.attach(model, flux_subspace(rank), "exact", targets="kv", optimizer=opt,
-                                     project_context=True) if attached else None
+        ex = ConceptExclusion.attach(model, flux_subspace(rank),
+                                     Projection(mode="exact", targets=("kv",), project_context=True),
+                                     optimizer=opt) if attached else None
         return model, params, opt, ex
 
     gen = torch.Generator().manual_seed(0)
@@ -199,7 +204,7 @@ def step_rows(double: int, single: int, image_tokens: int, steps: int, rank: int
     scale = FLUX_DEV_PARAMS / sub_params
     row = {"case": f"flux-step-{double}d{single}s-img{image_tokens}", "device": str(device), "dtype": str(dtype),
            "double_blocks": double, "single_blocks": single, "image_tokens": image_tokens, "text_tokens": T5_TOKENS,
-           "lora_rank": 16, "concept_rank": rank, "targets": len(ex.targets), "readers": len(ex._context.readers),
+           "lora_rank": 16, "concept_rank": rank, "targets": len(ex.targets), "readers": len(ex.context.readers),
            "trainable_params": sum(p.numel() for p in params), "subset_params": sub_params,
            "step_ms": round(step_ms, 1), "step_with_exclusion_ms": round(with_ms, 1),
            "ab_share": float(f"{(with_ms - step_ms) / step_ms:.3e}"), "runs": steps,
@@ -208,7 +213,7 @@ def step_rows(double: int, single: int, image_tokens: int, steps: int, rank: int
     if device.type == "cuda":
         row["sync_in_step"] = _cuda_sync_check(ex_step)
         row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    ex.detach()
+    ex.uninstall()
     return [row]
 
 

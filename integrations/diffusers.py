@@ -21,10 +21,12 @@ from torch import nn
 from concept_exclusion.encoders import TextEncoders
 from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
 from concept_exclusion.exclusion import ConceptExclusion
-from concept_exclusion.mmdit import lora_pipeline_class
-from concept_exclusion.preset import Preset, load_preset
+from concept_exclusion.options import AttachOptions
+from concept_exclusion.preservation import warn_unapplied
+from concept_exclusion.preset import Preset, Projection, load_preset
 from concept_exclusion.roles import canonical_name
 from concept_exclusion.safeio import read_safetensors, write_safetensors
+from concept_exclusion.scan import scan
 from concept_exclusion.sdxl_names import diffusers_to_sai
 from concept_exclusion.subspace import ConceptSubspace
 
@@ -89,6 +91,24 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def lora_pipeline_class(denoiser: nn.Module):
+    """The diffusers pipeline whose ``save_lora_weights``/``load_lora_weights`` take this MMDiT's transformer LoRA
+    (``transformer.*`` keys), or None for a UNet."""
+    name = type(denoiser).__name__
+    if name.startswith("FluxTransformer2DModel"):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+    if name.startswith("SD3Transformer2DModel"):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+    if scan(denoiser).is_mmdit:
+        raise TargetError(f"{name}: an MMDiT without a known diffusers pipeline; save its LoRA with that "
+                          f"pipeline's save_lora_weights and add exclusion.metadata() yourself")
+    return None
+
+
 def _unet_of(pipe_or_unet) -> nn.Module:
     """The denoiser: ``pipe.unet``, ``pipe.transformer`` (SD3/Flux), or the module given."""
     for attr in ("unet", "transformer"):
@@ -98,26 +118,34 @@ def _unet_of(pipe_or_unet) -> nn.Module:
     return unwrap(pipe_or_unet)
 
 
-def attach_to_pipeline(pipe, preset: Preset | str | Path, mode: str | None = None, *, optimizer=None,
-                       clip_skip: int | None = None, **kwargs) -> ConceptExclusion:
-    """Build the subspace from ``pipe`` and attach the exclusion to ``pipe.unet`` (text encoders passed for the check)."""
+def attach_to_pipeline(pipe, preset: Preset | str | Path, projection: Projection | None = None, *, optimizer=None,
+                       clip_skip: int | None = None, options: AttachOptions | None = None) -> ConceptExclusion:
+    """Build the subspace from ``pipe`` and attach the exclusion to ``pipe.unet`` (text encoders passed for the check).
+
+    ``projection``: the preset's ``[projection]`` when None (``Projection.overridden`` changes a few settings)."""
     subspace = subspace_from_pipeline(preset, pipe, clip_skip)
     _, encoders = pipeline_encoders(pipe)
-    return ConceptExclusion.attach(_unet_of(pipe), subspace, mode, optimizer=optimizer, text_encoder=encoders, **kwargs)
+    return ConceptExclusion.attach(_unet_of(pipe), subspace, projection, optimizer=optimizer, text_encoder=encoders,
+                                   options=options)
 
 
 def attach_exclusion(unet: nn.Module, preset: Preset | str | Path, tokenizer, text_encoder, *, optimizer=None,
-                     clip_skip: int | None = None, accelerator=None, **kwargs) -> ConceptExclusion:
+                     clip_skip: int | None = None, accelerator=None, projection: Projection | None = None,
+                     options: AttachOptions | None = None) -> ConceptExclusion:
     """One line for a stock diffusers loop: subspace from the script's own tokenizer(s)/text encoder(s), attached.
 
     SDXL scripts pass both as lists (``[tokenizer_one, tokenizer_two]``, ``[text_encoder_one, text_encoder_two]``).
     Call it after the optimizer exists (exact mode's post-step work is registered on it) and before
     ``accelerator.prepare``. ``accelerator``: also give ``--checkpointing_steps`` checkpoints our metadata
-    (``checkpoint_hooks``). Other keyword arguments go to ``ConceptExclusion.attach``.
+    (``checkpoint_hooks``). ``projection``/``options`` go to ``ConceptExclusion.attach``.
     """
-    subspace = ConceptSubspace.from_encoders(_preset(preset), tokenizer, text_encoder, clip_skip)
+    preset = _preset(preset)
+    warn_unapplied(preset, "attach_exclusion", "replace your loss line with "
+                   "OutputPreservation.for_preset(preset).loss(...) (README, How it works, 7)")
+    subspace = ConceptSubspace.from_encoders(preset, tokenizer, text_encoder, clip_skip)
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-    exclusion = ConceptExclusion.attach(unwrap(unet), subspace, optimizer=optimizer, text_encoder=encoders, **kwargs)
+    exclusion = ConceptExclusion.attach(unwrap(unet), subspace, projection, optimizer=optimizer, text_encoder=encoders,
+                                        options=options)
     if accelerator is not None:
         checkpoint_hooks(accelerator, exclusion)
     return exclusion

@@ -28,7 +28,8 @@ from concept_exclusion.errors import ConceptExclusionError, ModelFolderError
 from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.model_folder import load_text_encoders
 from concept_exclusion.options import check_mode_strength
-from concept_exclusion.preservation import OutputPreservation
+from concept_exclusion.plan import projection_of
+from concept_exclusion.preservation import OutputPreservation, warn_unapplied
 from concept_exclusion.preset import TARGET_SETS, load_preset
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 from concept_exclusion.subspace import ConceptSubspace
@@ -163,15 +164,14 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
             return
         if model is None:
             raise ConceptExclusionError("ConceptExclusionCallback: the Trainer passed no model to on_train_begin")
-        self.exclusion = ConceptExclusion.attach(model, self.subspace, self.mode, strength=self.strength,
-                                                 targets=self.targets, text_encoder=self.text_encoder,
-                                                 project_context=self.project_context)
+        projection = projection_of(self.subspace).overridden(
+            mode=self.mode, strength=self.strength, targets=self.targets, project_context=self.project_context)
+        self.exclusion = ConceptExclusion.attach(model, self.subspace, projection, text_encoder=self.text_encoder)
         if self.resume_info or state.global_step > 0:
             self._restore(args, state)
-        if self.preservation is not None:
-            log.warning("the preset asks for output_preservation=%r, which changes the loss: a Trainer callback cannot; "
-                        "compute your loss with callback.preservation.loss(...) in compute_loss (docs/huggingface.md)",
-                        self.preservation.target)
+        if self.subspace.preset is not None:
+            warn_unapplied(self.subspace.preset, "a Trainer callback", "compute your loss with "
+                           "callback.preservation.loss(...) in compute_loss (docs/huggingface.md)")
 
     @property
     def preservation(self) -> OutputPreservation | None:

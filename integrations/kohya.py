@@ -38,15 +38,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from concept_exclusion.errors import ConceptExclusionError, TargetError
-from concept_exclusion.exclusion import ConceptExclusion, text_encoder_training
+from concept_exclusion.errors import ConceptExclusionError
+from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.metadata import PREFIX
+from concept_exclusion.options import AttachOptions
+from concept_exclusion.plan import plan_exclusion, projection_of
 from concept_exclusion.safeio import atomic_path, read_header
 from concept_exclusion.subspace import ConceptSubspace
 
 from .kohya_args import DEFAULT_BASE_NETWORK, THIS_MODULE, KohyaArgsError, split_network_args
 from .kohya_concept import encode_concept
-from .kohya_mmdit import check_network_targets
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,11 @@ class ConceptExclusionNetwork(nn.Module):
         self.base_name = base_name
         self.exclusion: ConceptExclusion | None = None
         self._unet_ref = (unet,)  # a tuple: the UNet must not become a submodule of the network
-        projection = subspace.preset.projection if subspace.preset is not None else None
-        self.mode = settings.get("mode") or (projection.mode if projection else "exact")
-        self.strength = settings.get("strength")
-        self.target_sets = settings.get("targets") or (projection.targets if projection else ("kv",))
+        self.projection = projection_of(subspace).overridden(
+            mode=settings.get("mode"), strength=settings.get("strength"), targets=settings.get("targets"),
+            project_context=settings.get("project_context"))
+        self.options = AttachOptions(allow_text_encoder_training=bool(settings.get("allow_text_encoder_training")),
+                                     reencode_every=int(settings.get("reencode_every", 100)))
         self._stamp: tuple | None = None
 
     # attribute delegation: every method the trainer may call and we do not wrap is the base's
@@ -129,14 +131,9 @@ class ConceptExclusionNetwork(nn.Module):
         return result
 
     def _check_targets(self, unet: nn.Module | None) -> None:
-        """Dry run of the target search: fail now, not after the first epoch, when nothing can be protected."""
-        training = text_encoder_training(self.base_network, [])
-        if training and not self.settings.get("allow_text_encoder_training"):
-            raise TargetError(f"the network trains the text encoder ({training[0]}, ...): the concept's embeddings "
-                              f"would move; train with --network_train_unet_only, or pass network_args "
-                              f"concept_allow_text_encoder_training=true (approximate)")
-        check_network_targets(self.base_network, self.subspace, tuple(self.target_sets), unet or self.unet,
-                              self.settings.get("project_context"))  # Flux/SD3: see kohya_mmdit
+        """Dry run of the plan (validation only, nothing installed): fail now, not after the first epoch."""
+        plan_exclusion(self.base_network, self.subspace, self.projection, base_model=unet or self.unet,
+                       options=self.options)
 
     def prepare_optimizer_params(self, *args, **kwargs):
         return self.base_network.prepare_optimizer_params(*args, **kwargs)
@@ -149,11 +146,8 @@ class ConceptExclusionNetwork(nn.Module):
 
     def _attach(self, unet: nn.Module | None = None) -> ConceptExclusion:
         if self.exclusion is None:
-            self.exclusion = ConceptExclusion.attach(
-                self.base_network, self.subspace, self.mode, strength=self.strength, targets=self.target_sets,
-                allow_text_encoder_training=bool(self.settings.get("allow_text_encoder_training")),
-                reencode_every=int(self.settings.get("reencode_every", 100)), base_model=unet or self.unet,
-                project_context=self.settings.get("project_context"))
+            self.exclusion = ConceptExclusion.attach(self.base_network, self.subspace, self.projection,
+                                                     base_model=unet or self.unet, options=self.options)
             self._stamp = self._current_stamp()
             log.info("concept exclusion on the %s network: %r", self.base_name, self.exclusion)
         return self.exclusion
@@ -213,17 +207,8 @@ class ConceptExclusionNetwork(nn.Module):
         """Per target, the constraint part of the LoRA delta the file holds (up @ down, relative to zero),
         over its norm. Unlike ``ConceptExclusion.leakage`` (change since attach) this stays right when
         training resumed from weights that were not projected before."""
-        out = {}
-        for t in self._attach().targets:
-            p, basis = t.param.detach().double().cpu(), t.basis
-            if t.kind == "full" or t.other is None:
-                continue
-            o = t.other.detach().double().cpu()
-            delta = o @ p if t.side == "input" else p @ o
-            part = delta @ basis if t.side == "input" else basis.T @ delta
-            norm = float(delta.norm())
-            out[t.name] = float(part.norm()) / norm if norm > 0 else 0.0
-        return out
+        return {t.name: t.leakage(t.product(t.param.detach().double().cpu(), t.other.detach().double().cpu()))
+                for t in self._attach().targets if t.kind == "lora"}
 
     def provenance(self) -> dict[str, str]:
         """Our metadata for the file being written (leakage measured now, on the LoRA delta the file holds)."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from concept_exclusion.errors import SubspaceError
 from concept_exclusion.options import check_mode_strength
+from concept_exclusion.preservation import warn_unapplied
 from concept_exclusion.preset import Preset, load_preset
 from concept_exclusion.subspace import ConceptSubspace
 from concept_exclusion.roles import role_of
@@ -134,10 +135,7 @@ def encode_concept(text_encoder, unet, settings: dict[str, Any]) -> ConceptSubsp
         log.warning("concept_mode=gradient projects gradients only: a LoRA's down factors keep their initial "
                     "concept components and Adam drifts, so the saved file will usually fail `concept-exclusion "
                     "audit`; use concept_mode=exact for a guarantee")
-    if preset.projection.output_preservation != "none":
-        log.warning("the preset asks for output_preservation=%r, a change to the training loss that a network module "
-                    "cannot make in sd-scripts: only the projections apply (in the evidence world they alone did not "
-                    "stop the name from binding; docs/kohya.md)", preset.projection.output_preservation)
+    warn_unapplied(preset, "an sd-scripts network module", "see docs/kohya.md")
     subspace = build_subspace(preset, text_encoder, settings)
     _check_unet_width(unet, subspace)
     log.info("concept %s encoded: ranks %s (clip_skip %s)", preset.name,

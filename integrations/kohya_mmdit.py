@@ -8,17 +8,12 @@ tokenizers, encoders and T5 length as the captions.
 The networks (``networks.lora_flux`` / ``networks.lora_sd3``) put LoRA on the joint blocks by default and
 on the text readers (``txt_in``, ``vector_in``, ``context_embedder``, ``y_embedder``) only with
 ``in_dims`` / ``emb_dims``: without those, context projection on the model's readers carries the guarantee
-(``concept_exclusion.mmdit``).
+(``concept_exclusion.mmdit``; the plan decides, as for any model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch import nn
-
-from concept_exclusion.mmdit import default_project_context, find_mmdit_targets
-from concept_exclusion.subspace import ConceptSubspace
 
 
 @dataclass(frozen=True)
@@ -37,13 +32,3 @@ def mmdit_strategy(tokenize) -> MMDiTStrategy | None:
             if t is not None]
     length = getattr(tokenize, "t5xxl_max_length", None)
     return MMDiTStrategy(toks, int(length) if length is not None else None)
-
-
-def check_network_targets(network: nn.Module, subspace: ConceptSubspace, sets: tuple[str, ...],
-                          model: nn.Module | None, project_context: bool | None) -> None:
-    """The wrapper's dry run of the target search, with the MMDiT rule (a network without reader LoRAs is fine
-    when context projection is on, which is the default for an MMDiT)."""
-    defaults = subspace.preset.projection.project_context if subspace.preset is not None else False
-    project = project_context if project_context is not None else (
-        default_project_context(model, defaults) if model is not None else defaults)
-    find_mmdit_targets(network, subspace, sets, model, project)

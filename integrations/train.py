@@ -126,8 +126,9 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     unet.add_adapter(lora_config(args))
     cast_training_params(unet, dtype=torch.float32)
     targets = [t.strip() for t in args.targets.split(",")] if args.targets else None
-    exclusion = ConceptExclusion.attach(unet, subspace, args.mode, strength=args.strength, targets=targets,
-                                        text_encoder=encoders, project_context=args.project_context)
+    projection = preset.projection.overridden(mode=args.mode, strength=args.strength, targets=targets,
+                                              project_context=args.project_context)
+    exclusion = ConceptExclusion.attach(unet, subspace, projection, text_encoder=encoders)
     chosen = args.output_preservation or preset.projection.output_preservation
     preservation = None if chosen == "none" else OutputPreservation.from_preset(preset, target=chosen)
     params = [p for p in unet.parameters() if p.requires_grad]

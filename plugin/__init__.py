@@ -9,15 +9,18 @@ from ._version import __version__
 from .errors import (AuditError, ConceptExclusionError, LoraFileError, ModelFolderError, PresetError,
                      SafetensorsFileError, SubspaceError, TargetError)
 from .exclusion import ConceptExclusion
+from .options import AttachOptions
+from .plan import Plan, context_readers, find_targets, plan_exclusion
 from .preservation import OutputPreservation
 from .preset import Concept, Preset, Projection, load_preset, parse_preset, shipped_presets
 from .projector import Constraint, GradientProjector, WeightProjector, constraints_for
 from .subspace import ConceptSubspace
-from .targets import Target, find_targets
+from .targets import Target
 
 __all__ = [
-    "__version__", "AuditError", "ConceptExclusion", "ConceptExclusionError", "ConceptSubspace", "Concept",
+    "__version__", "AttachOptions", "AuditError", "ConceptExclusion", "ConceptExclusionError", "ConceptSubspace", "Concept",
     "Constraint", "GradientProjector", "LoraFileError", "ModelFolderError",
-    "OutputPreservation", "PresetError", "Preset", "Projection", "SafetensorsFileError", "SubspaceError", "TargetError",
-    "Target", "WeightProjector", "constraints_for", "find_targets", "load_preset", "parse_preset", "shipped_presets",
+    "OutputPreservation", "Plan", "PresetError", "Preset", "Projection", "SafetensorsFileError", "SubspaceError", "TargetError",
+    "Target", "WeightProjector", "constraints_for", "context_readers", "find_targets", "load_preset", "parse_preset",
+    "plan_exclusion", "shipped_presets",
 ]

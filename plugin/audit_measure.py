@@ -18,7 +18,7 @@ import torch
 
 from .audit_base import BaseModel
 from .audit_report import LayerReport
-from .embeddings import CONTEXT, POOLED
+from .embeddings import CONTEXT
 from .lora_file import LoraFile, effective_delta
 from .lora_keys import constrained_by_heads, is_dit, is_text_encoder, reads_text, role
 from .roles import ROLES, attention_path, head_basis

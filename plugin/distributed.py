@@ -21,50 +21,13 @@ import logging
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
-from .errors import TargetError
-from .dtensor import full_tensor, is_sharded, local_tensor
+from .dtensor import is_sharded, local_tensor
 from .projector import Constraint, GradientHooks, WeightProjector, project_grad, project_in_place
 
-__all__ = ["ShardedGradientProjector", "ShardedWeightProjector", "check_sharded", "full_tensor", "is_sharded",
-           "local_tensor", "refuse_unsupported_wrappers"]
+__all__ = ["ShardedGradientProjector", "ShardedWeightProjector"]
 
 log = logging.getLogger(__name__)
-
-def refuse_unsupported_wrappers(model: nn.Module) -> None:
-    """Raise ``TargetError`` when ``model`` is wrapped by a sharding scheme whose gradients we cannot reach."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return
-    for name, module in model.named_modules():
-        if isinstance(module, FullyShardedDataParallel):
-            raise TargetError(f"{name or type(model).__name__} is wrapped by FullyShardedDataParallel (FSDP1): its "
-                              f"flat parameters hide the per-layer gradients the projection needs; attach before "
-                              f"wrapping and use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
-
-
-def check_sharded(constraints: Sequence[Constraint]) -> None:
-    """Refuse sharded targets whose constraint is not shard-local (output side, or not sharded on rows)."""
-    for c in constraints:
-        p = c.target.param
-        if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
-            raise TargetError(f"{c.target.name}: partitioned by DeepSpeed ZeRO-3 (the parameter is gathered only "
-                              f"inside forward/backward, so its update cannot be checked or re-projected); use "
-                              f"ZeRO stage 1 or 2, DDP or FSDP2")
-        if not is_sharded(p):
-            continue
-        placements = tuple(p.placements)
-        rows_only = all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in placements)
-        if not rows_only:
-            raise TargetError(f"{c.target.name}: sharded as {placements}; the projection is shard-local only when "
-                              f"parameters are sharded on dim 0 (FSDP2's default)")
-        if c.target.side != "input":
-            raise TargetError(f"{c.target.name}: its constraint (U^T dW = 0, output side) spans rows held by "
-                              f"different FSDP ranks, so it cannot be kept shard-locally; use the 'kv' target set "
-                              f"under FSDP, or DDP")
-
 
 def _project_local_grad(basis: torch.Tensor, strength: float) -> Callable[[torch.Tensor], None]:
     """Post-accumulate-grad hook: project this rank's rows of ``param.grad`` in place, non-finite entries kept."""
@@ -80,15 +43,15 @@ def _project_local_grad(basis: torch.Tensor, strength: float) -> Callable[[torch
 class ShardedGradientProjector(GradientHooks):
     """Post-accumulate-grad hooks projecting the sharded (DTensor) targets' gradients on each rank's rows.
 
-    Ordinary targets are ``GradientProjector``'s; this refuses (``check_sharded``) what it cannot keep
-    shard-locally before installing anything.
+    Ordinary targets are ``GradientProjector``'s; what cannot be kept shard-locally was refused by the plan
+    (``concept_exclusion.plan.check_sharded``) before anything was installed.
     """
 
-    def __init__(self, constraints: list[Constraint], strength: float) -> None:
-        check_sharded(constraints)
-        super().__init__(constraints, strength)  # the very list: re-encoding refreshes it in place
-        if self.handles:
-            log.info("projecting %d FSDP-sharded target(s) shard-locally after the reduce-scatter", self.handles)
+    def _install(self) -> list:
+        handles = super()._install()
+        if handles:
+            log.info("projecting %d FSDP-sharded target(s) shard-locally after the reduce-scatter", len(handles))
+        return handles
 
     def _takes(self, c: Constraint) -> bool:
         return is_sharded(c.target.param)

@@ -10,19 +10,19 @@ training passes also read text states without their concept component (``concept
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .context import ContextProjector
-from .distributed import ShardedGradientProjector, ShardedWeightProjector, refuse_unsupported_wrappers
+from .distributed import ShardedGradientProjector, ShardedWeightProjector
 from .dtensor import full_tensor, local_tensor
 from .errors import TargetError
 from .hooks import Hooks, OptimizerPostStep
 from .metadata import Provenance, provenance_metadata
-from .mmdit import default_project_context, find_mmdit_targets
-from .options import check_mode_strength
+from .options import AttachOptions
+from .plan import Plan, plan_exclusion
 from .preset import Projection
 from .projector import GradientProjector, constraints_for
 from .subspace import ConceptSubspace
@@ -31,116 +31,98 @@ from .targets import Target
 log = logging.getLogger(__name__)
 
 
-def text_encoder_training(model: nn.Module, text_encoders: Sequence[nn.Module]) -> list[str]:
-    """Names of trainable text-encoder parts: given encoders, encoders inside ``model``, kohya TE LoRA modules."""
-    found = []
-    for i, enc in enumerate(text_encoders):
-        if any(p.requires_grad for p in enc.parameters()):
-            found.append(f"text_encoder[{i}]")
-    for name, m in model.named_modules():
-        is_encoder = type(m).__name__.startswith("CLIPTextModel") or type(m).__name__.startswith("T5Encoder")
-        is_te_lora = str(getattr(m, "lora_name", "")).startswith("lora_te")
-        if (is_encoder or is_te_lora) and any(p.requires_grad for p in m.parameters()):
-            found.append(name or type(m).__name__)
-    return found
-
-
 class ConceptExclusion:
-    """The projection attached to one model. Build it with ``ConceptExclusion.attach``."""
+    """The projection attached to one model: ``ConceptExclusion.attach`` validates, plans and installs it.
 
-    # hooks whose callbacks hold the concept's bases: re-encoding detaches them, refreshes the bases, attaches them
+    ``ConceptExclusion(plan)`` is inert: its hooks exist but nothing is installed and no weight has moved
+    until ``install``; ``uninstall`` removes every hook ``install`` put in (the one symmetric pair).
+    """
+
+    # hooks whose callbacks hold the concept's bases: re-encoding detaches them, rebases the plan, attaches them
     BASIS_HOOKS = ("gradient", "distributed", "context")
 
-    def __init__(self, subspace: ConceptSubspace, targets: list[Target], mode: str, strength: float,
-                 target_sets: tuple[str, ...], reencode_every: int | None, *, leakage_snapshots: bool = True,
-                 model: nn.Module | None = None, base_model: nn.Module | None = None) -> None:
+    def __init__(self, plan: Plan, subspace: ConceptSubspace, options: AttachOptions | None = None) -> None:
+        self.plan = plan
         self.subspace = subspace
-        self.targets = targets
-        self.mode = mode
-        self.strength = strength
-        self.target_sets = target_sets
-        self.reencode_every = reencode_every
+        self.options = options or AttachOptions()
         self.steps = 0
+        self._constraints = constraints_for(plan.targets)
+        self._weights = ShardedWeightProjector(self._constraints)
+        self._initial: dict[str, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
         self.hooks = Hooks()
-        self._context_requested = False
-        self._model, self._base_model = model, base_model
-        self._leakage_snapshots = leakage_snapshots
-        self._constraints: list = []
-        self._build(project_now=False)
-        # the distributed hooks refuse what they cannot keep (sharded output sides, ZeRO-3) before any weight moves
-        self.hooks.add("distributed", ShardedGradientProjector(self._constraints, self.strength))
-        self.hooks.add("gradient", GradientProjector(self._constraints, self.strength))
-        if mode == "exact":
-            self._weights()
-        # after the attach-time projection: an adapter that already held concept components (a resumed
-        # or downloaded LoRA) loses them at attach, and leakage measures what training adds from there
-        self._initial = {t.name: self._snapshot(t) for t in targets}
+        strength = plan.settings.strength
+        self.hooks.add("distributed", ShardedGradientProjector(self._constraints, strength))
+        self.hooks.add("gradient", GradientProjector(self._constraints, strength))
+        if plan.readers:
+            self.hooks.add("context", ContextProjector(plan.readers))
 
     # construction ---------------------------------------------------------------------------
     @classmethod
-    def attach(cls, model: nn.Module, subspace: ConceptSubspace, mode: str | None = None, *,
-               strength: float | None = None, targets: Iterable[str] | str | None = None, optimizer=None,
-               text_encoder: nn.Module | Sequence[nn.Module] | None = None,
-               allow_text_encoder_training: bool = False, reencode_every: int = 100,
-               base_model: nn.Module | None = None, leakage_snapshots: bool = True,
-               project_context: bool | None = None) -> "ConceptExclusion":
-        """Find the targets in ``model`` and start protecting them.
+    def attach(cls, model: nn.Module, subspace: ConceptSubspace, projection: Projection | None = None, *,
+               optimizer=None, text_encoder: nn.Module | Sequence[nn.Module] | None = None,
+               base_model: nn.Module | None = None, options: AttachOptions | None = None) -> "ConceptExclusion":
+        """Validate, plan (``concept_exclusion.plan``) and install the exclusion of ``subspace`` from ``model``.
 
-        mode/strength/targets default to the preset's ``[projection]``. In exact mode, LoRA factors
-        are projected at once and full weights' constraint values are recorded now. ``optimizer``:
-        register the post-step work on it (else call ``after_optimizer_step`` yourself).
-        ``base_model``: the UNet a kohya-style network patches (needed for the 'attention' set).
-        ``leakage_snapshots``: keep a CPU fp32 copy of each constrained full weight so ``leakage``
-        reports ||dW U|| / ||dW||; False saves that memory (SD1.5: 77 MB, SDXL: 1.4 GB) and reports
-        ||W U - W0 U|| / ||W0 U|| for full weights. LoRA factors need no copy when up @ down starts at 0.
+        ``projection``: what to constrain and how (default: the preset's ``[projection]``;
+        ``Projection.overridden`` changes a few settings). ``optimizer``: run the post-step work on it (else call
+        ``after_optimizer_step`` yourself). ``text_encoder``: the encoder(s) you train with, checked for trainable
+        parameters. ``base_model``: the UNet a kohya-style network patches. ``options``: ``AttachOptions``.
+        Every refusal happens before a hook is installed or a weight changes.
         """
-        defaults = subspace.preset.projection if subspace.preset is not None else Projection()
-        mode = mode or defaults.mode
-        if strength is None:
-            strength = defaults.strength if mode == "gradient" else 1.0
-        check_mode_strength(mode, strength, error=TargetError)
-        sets = (targets,) if isinstance(targets, str) else tuple(targets or defaults.targets)
-        encoders = [] if text_encoder is None else (
-            list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder])
-        refuse_unsupported_wrappers(model)
-        training = text_encoder_training(model, encoders)
-        if training and not allow_text_encoder_training:
-            raise TargetError(f"text encoder parameters require grad ({', '.join(training[:3])}): the concept's "
-                              f"embeddings would move and the exclusion would not hold; freeze the text encoder "
-                              f"or pass allow_text_encoder_training=True (approximate: re-encodes every "
-                              f"{reencode_every} steps)")
-        if training:
-            if not subspace.can_recompute:
-                raise TargetError("allow_text_encoder_training=True needs a subspace built from the text encoders "
-                                  "(from_text_encoder/from_text_encoders) so it can be re-encoded")
-            log.warning("text encoder is training: the concept is re-encoded every %d steps and the exclusion "
-                        "is approximate between re-encodings", reencode_every)
-        if project_context is None:  # on by default for an MMDiT (Flux, SD3): see concept_exclusion.mmdit
-            project_context = default_project_context(model if base_model is None else base_model,
-                                                      defaults.project_context)
-        found = find_mmdit_targets(model, subspace, sets, base_model, project_context)
-        # the forward hooks first: they fail (no reader found) before any weight is projected, and go if attaching does
-        context = ContextProjector(model if base_model is None else base_model, subspace) if project_context else None
-        try:
-            self = cls(subspace, found, mode, float(strength), sets, reencode_every if training else None,
-                       leakage_snapshots=leakage_snapshots, model=model, base_model=base_model)
-        except BaseException:
-            if context is not None:
-                context.detach()
-            raise
-        self.frozen_layers = sorted(t.name for t in found if t.basis.shape[1] >= t.basis.shape[0])
-        if self.frozen_layers:  # e.g. to_q/to_out of heads no wider than the basis rank: never silently
-            log.warning("%d of %d targets get no change at all: the concept basis spans their whole constrained "
-                        "dimension (every head of to_q/to_out at rank >= head width): %s", len(self.frozen_layers),
-                        len(found), ", ".join(self.frozen_layers[:6]) + (" ..." if len(self.frozen_layers) > 6 else ""))
-        if context is not None:
-            self.hooks.add("context", context)
-            self._context_requested = True
+        plan = plan_exclusion(model, subspace, projection, text_encoder=text_encoder, base_model=base_model,
+                              options=options)
+        exclusion = cls(plan, subspace, options)
         if optimizer is not None:
-            self.register_optimizer(optimizer)
+            exclusion.register_optimizer(optimizer)
+        exclusion.install()
+        if plan.frozen_layers:  # e.g. to_q/to_out of heads no wider than the basis rank: never silently
+            frozen = plan.frozen_layers
+            log.warning("%d of %d targets get no change at all: the concept basis spans their whole constrained "
+                        "dimension (every head of to_q/to_out at rank >= head width): %s", len(frozen),
+                        len(plan.targets), ", ".join(frozen[:6]) + (" ..." if len(frozen) > 6 else ""))
         log.info("concept exclusion attached: %d targets, mode=%s, ranks %s, context projected at %d layers",
-                 len(found), mode, {s: subspace.rank(s) for s in subspace.bases}, len(context.readers) if context else 0)
-        return self
+                 len(plan.targets), exclusion.mode, {s: subspace.rank(s) for s in subspace.bases},
+                 len(plan.readers))
+        return exclusion
+
+    def install(self) -> None:
+        """Install every hook; exact mode puts the targets on their constraint now. Leakage is measured from here:
+        an adapter that already held concept components (a resumed or downloaded LoRA) loses them now."""
+        if self.attached:
+            return
+        self.hooks.attach()
+        if self.mode == "exact":
+            self._weights()
+        self._initial = {t.name: self._snapshot(t) for t in self.targets}
+
+    def uninstall(self) -> None:
+        """Remove every hook ``install`` and ``register_optimizer`` put in; the weights stay as they are."""
+        self.hooks.detach()
+
+    # the plan's settings ----------------------------------------------------------------------
+    @property
+    def targets(self) -> list[Target]:
+        return self.plan.targets
+
+    @property
+    def mode(self) -> str:
+        return self.plan.settings.mode
+
+    @property
+    def strength(self) -> float:
+        return self.plan.settings.strength
+
+    @property
+    def target_sets(self) -> tuple[str, ...]:
+        return self.plan.settings.sets
+
+    @property
+    def reencode_every(self) -> int | None:
+        return self.plan.settings.reencode_every
+
+    @property
+    def frozen_layers(self) -> tuple[str, ...]:
+        return self.plan.frozen_layers
 
     def _snapshot(self, t: Target) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """CPU fp32 copies leakage is measured from; None when not needed or not kept.
@@ -150,24 +132,21 @@ class ConceptExclusion:
         """
         p0 = full_tensor(t.param.detach())
         if t.kind == "full":
-            return (p0.to("cpu", torch.float32, copy=True), None) if self._leakage_snapshots else None
+            return (p0.to("cpu", torch.float32, copy=True), None) if self.options.leakage_snapshots else None
         o0 = full_tensor(t.other.detach())
         if not (bool(p0.any()) and bool(o0.any())):
             return None
         return p0.to("cpu", torch.float32, copy=True), o0.to("cpu", torch.float32, copy=True)
 
-    def _build(self, project_now: bool) -> None:
-        """(Re)build the constraints from the targets' bases, in place: the gradient hooks hold this very list."""
-        self._constraints[:] = constraints_for(self.targets)
-        self._weights = ShardedWeightProjector(self._constraints)
-        if project_now:
-            self._weights()
-
     def register_optimizer(self, optimizer) -> None:
-        """Run ``after_optimizer_step`` after every real step of ``optimizer`` (skipped steps do nothing)."""
+        """Run ``after_optimizer_step`` after every real step of ``optimizer`` (skipped steps do nothing); installed
+        now when the exclusion is, else with ``install``."""
         if self.mode != "exact" and self.reencode_every is None:
             return
+        installed = self.attached
         self.hooks.add("optimizer", OptimizerPostStep(optimizer, self.after_optimizer_step))
+        if installed:
+            self.hooks.attach()
 
     # training-time work ---------------------------------------------------------------------
     def after_optimizer_step(self) -> None:
@@ -179,25 +158,18 @@ class ConceptExclusion:
             self._weights()
 
     def _reencode(self) -> None:
-        """Detach the hooks that hold bases, give every target its new basis from the role registry, attach them."""
+        """Detach the hooks that hold bases, rebase the plan from the same scans (no walk), attach them again."""
         new = self.subspace.recompute()
         log.info("re-encoded the concept after %d steps (ranks %s)", self.steps, {s: new.rank(s) for s in new.bases})
-        found = find_mmdit_targets(self._model, new, self.target_sets, self._base_model, self._context_requested)
-        fresh = {t.name: t.basis for t in found}
-        missing = [t.name for t in self.targets if t.name not in fresh]
-        if missing:
-            raise TargetError(f"re-encoding: {missing[0]} is no longer a target of the model; keep the model's "
-                              f"layers unchanged while the exclusion is attached")
         hooks = [h for name, h in self.hooks if name in self.BASIS_HOOKS and h.attached]  # in attach order
         for hook in reversed(hooks):
             hook.detach()
-        for t in self.targets:
-            t.basis = fresh[t.name]
+        self.plan.rebase(new)
         self.subspace = new
-        context = self.hooks.get("context")
-        if context is not None:
-            context.subspace = new
-        self._build(project_now=(self.mode == "exact"))
+        self._constraints[:] = constraints_for(self.targets)  # the gradient hooks hold this very list
+        self._weights = ShardedWeightProjector(self._constraints)
+        if self.mode == "exact":
+            self._weights()
         for hook in hooks:
             hook.attach()
 
@@ -214,11 +186,7 @@ class ConceptExclusion:
             if self._initial[c.target.name] is None and c.target.kind == "full":
                 out[c.target.name] = self._constraint_drift(c)
                 continue
-            delta = self._delta(c.target)
-            basis = c.basis.cpu()
-            norm = float(delta.norm())
-            part = delta @ basis if c.target.side == "input" else basis.T @ delta
-            out[c.target.name] = float(part.norm()) / norm if norm > 0 else 0.0
+            out[c.target.name] = c.target.leakage(self._delta(c.target))
         return out
 
     @staticmethod
@@ -234,12 +202,26 @@ class ConceptExclusion:
         p = full_tensor(t.param.detach()).float().cpu()
         if t.kind == "full":
             return p - initial[0]
-        o = full_tensor(t.other.detach()).float().cpu()
-        effective = o @ p if t.side == "input" else p @ o  # input: param = down [r, in], other = up [out, r]
+        effective = t.product(p, full_tensor(t.other.detach()).float().cpu())
         if initial is None:  # the product was 0 at attach
             return effective
-        p0, o0 = initial
-        return effective - (o0 @ p0 if t.side == "input" else p0 @ o0)
+        return effective - t.product(*initial)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this exclusion keeps alive beyond the model, each storage counted once: the bases on the targets'
+        devices, exact mode's stored constraint values, the leakage snapshots; and how many constraints it keeps."""
+        seen: set[int] = set()
+
+        def size(t: torch.Tensor | None) -> int:
+            if t is None or t.untyped_storage().data_ptr() in seen:
+                return 0
+            seen.add(t.untyped_storage().data_ptr())
+            return t.untyped_storage().nbytes()
+
+        return {"device_bases": sum(size(c.basis) for c in self._constraints),
+                "stored": sum(size(c.stored) for c in self._constraints),
+                "snapshots": sum(size(t) for v in self._initial.values() if v is not None for t in v if t is not None),
+                "constraints": len(self._constraints)}
 
     def max_leakage(self) -> float:
         values = self.leakage().values()
@@ -248,8 +230,7 @@ class ConceptExclusion:
     def provenance(self) -> Provenance:
         """The plain record ``concept_exclusion.metadata`` writes: settings, subspace and the leakage measured now."""
         return Provenance(self.subspace, self.mode, self.strength, tuple(self.target_sets), len(self.targets),
-                          self._context_requested, self.leakage(), self.steps,
-                          tuple(getattr(self, "frozen_layers", ())))
+                          self.plan.settings.project_context, self.leakage(), self.steps, self.frozen_layers)
 
     def metadata(self) -> dict[str, str]:
         """String-only provenance for safetensors (``concept_exclusion.*`` keys)."""
@@ -280,7 +261,7 @@ class ConceptExclusion:
             key = f"initial.{name}"
             if c.target.kind == "lora" and f"initial_zero.{name}" in state:
                 self._initial[name] = None
-            elif c.target.kind == "full" and not self._leakage_snapshots:
+            elif c.target.kind == "full" and not self.options.leakage_snapshots:
                 self._initial[name] = None
             elif key not in state or state[key].shape != c.target.param.shape:
                 raise TargetError(f"exclusion state lacks a matching {key!r}")
@@ -296,27 +277,21 @@ class ConceptExclusion:
 
     @property
     def project_context(self) -> bool:
-        """Whether training passes read the text states without the concept's component now (False once detached;
-        the provenance keeps whether this exclusion was attached with it)."""
+        """Whether training passes read the text states without the concept's component now (False once
+        uninstalled; the provenance keeps whether this exclusion was planned with it)."""
         context = self.hooks.get("context")
         return context is not None and context.attached
 
     @property
     def context(self) -> ContextProjector | None:
-        """The context projector hook (attached or not), None when this exclusion was attached without one."""
+        """The context projector hook (installed or not), None when the plan has no context projection."""
         hook = self.hooks.get("context")
         return hook if isinstance(hook, ContextProjector) else None
-
-    _context = context  # the name tests of the evidence world read
 
     @property
     def attached(self) -> bool:
         """Whether any hook of this exclusion is installed."""
         return self.hooks.attached
-
-    def detach(self) -> None:
-        """Remove every hook this exclusion installed (gradient, distributed, context, optimizer)."""
-        self.hooks.detach()
 
     def __repr__(self) -> str:
         return (f"ConceptExclusion(mode={self.mode!r}, targets={len(self.targets)}, "

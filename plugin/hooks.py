@@ -5,7 +5,8 @@ Modelled on accelerate's ``ModelHook`` with ``add_hook_to_module`` / ``remove_ho
 a ``Hook`` knows how to install itself (``_install`` returns torch's removable handles) and
 ``attach`` / ``detach`` are the only ways in and out.
 
-Invariants: ``attach`` on an attached hook changes nothing; after ``detach`` no callback of the
+Invariants: a hook is inert until ``attach`` (constructing or registering one installs nothing);
+``attach`` on an attached hook changes nothing; after ``detach`` no callback of the
 hook runs, ``attached`` is False and it holds no handle; ``attach`` after ``detach`` installs it
 again exactly as before. ``Hooks`` attaches its members in order and detaches them in reverse.
 """
@@ -85,11 +86,12 @@ class Hooks:
         self._members: dict[str, Hook] = {}
 
     def add(self, name: str, hook: Hook) -> Hook:
-        """Attach ``hook`` under ``name``, detaching (and replacing) one already there."""
+        """Register ``hook`` under ``name`` without installing it (``attach`` does); one already there is
+        detached and replaced."""
         old = self._members.pop(name, None)
         if old is not None:
             old.detach()
-        self._members[name] = hook.attach()
+        self._members[name] = hook
         return hook
 
     def get(self, name: str) -> Hook | None:

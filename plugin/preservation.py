@@ -15,6 +15,7 @@ or what it meant before training (base).
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -24,8 +25,22 @@ import torch
 from .errors import ConceptExclusionError
 from .preset import Preset
 
+log = logging.getLogger(__name__)
+
 TARGETS = ("scrub", "base")
 Predict = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+def warn_unapplied(preset: Preset, integration: str, remedy: str) -> bool:
+    """The one warning every integration that cannot change the loss gives when the preset asks for output
+    preservation: what is asked, that ``integration`` applies only the projections, and ``remedy``. True if warned."""
+    asked = preset.projection.output_preservation
+    if asked == "none":
+        return False
+    log.warning("the preset asks for output_preservation=%r, a change to the training loss that %s does not make: "
+                "only the projections apply (in the evidence world they alone did not stop the name from binding); "
+                "%s", asked, integration, remedy)
+    return True
 
 
 @dataclass(frozen=True)

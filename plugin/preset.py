@@ -12,10 +12,10 @@ import hashlib
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,11 +60,29 @@ class Projection:
     targets: tuple[str, ...] = ("attention",)
     mode: str = "exact"
     strength: float = 1.0
-    project_context: bool = False  # also remove the basis from the text states key/value layers read in training
+    # also remove the basis from the text states the readers take in training; None: the model's default (on for an
+    # MMDiT, where no weight constraint inside the joint blocks can keep the concept out, off otherwise)
+    project_context: bool | None = None
     # the training loss: captions that name a concept teach the image through the scrubbed caption, and the name is
     # pulled to the scrubbed caption's prediction ("scrub") or to the frozen base model's ("base"); see preservation.py
     output_preservation: str = "none"
     preservation_weight: float = 1.0
+
+    def overridden(self, *, mode: str | None = None, strength: float | None = None,
+                   targets: str | Sequence[str] | None = None, project_context: bool | None = None) -> "Projection":
+        """A copy with the given settings changed (None keeps this one's); ``targets`` may name one set."""
+        changes: dict[str, Any] = {}
+        if mode is not None:
+            changes["mode"] = mode
+            if mode == "exact" and strength is None:  # exact mode always projects fully
+                changes["strength"] = 1.0
+        if strength is not None:
+            changes["strength"] = float(strength)
+        if targets is not None:
+            changes["targets"] = (targets,) if isinstance(targets, str) else tuple(targets)
+        if project_context is not None:
+            changes["project_context"] = bool(project_context)
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)

@@ -103,14 +103,13 @@ def constraints_for(targets: list[Target]) -> list[Constraint]:
 
 class GradientHooks(Hook):
     """One gradient hook per constraint this kind takes (``_takes``), installed by ``_hook_one``; strength 0
-    installs nothing (the projection would be the identity). The constraints' bases are read when it
-    attaches (on construction, and on every ``attach`` after a ``detach``)."""
+    installs nothing (the projection would be the identity). Inert until ``attach``; the constraints' bases
+    are read on every ``attach``."""
 
     def __init__(self, constraints: list[Constraint], strength: float) -> None:
         super().__init__()
         self.constraints = constraints
         self.strength = float(strength)
-        self.attach()
 
     def _install(self) -> list:
         if self.strength == 0.0:
@@ -133,7 +132,7 @@ class GradientProjector(GradientHooks):
     only place that sees each micro-batch's gradient before accumulation, DDP and clipping.
     Sharded (DTensor) targets are left to ``distributed.ShardedGradientProjector``.
 
-        projector = GradientProjector(constraints_for(find_targets(unet, subspace, ["kv"])), 1.0)
+        projector = GradientProjector(constraints_for(find_targets(unet, subspace)), 1.0).attach()
     """
 
     def _takes(self, c: Constraint) -> bool:

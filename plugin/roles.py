@@ -97,6 +97,9 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          "time_text_embed.text_embedder.linear_1 / vector_in.in_layer"),
 )}
 
+# the MMDiT entrances (Flux, SD3): the only layers of those models that read the text encoders
+MMDIT_ROLES = ("joint_context", "joint_pooled")
+
 _WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 
 

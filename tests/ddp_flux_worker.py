@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from concept_exclusion.preset import Projection
+
 GLOBAL_BATCH = 4
 STEPS = 3
 T5, POOLED, TOKENS = 48, 32, 6
@@ -48,7 +50,7 @@ def train(rank: int, world: int) -> dict:
     model = add_lora(flux_transformer(joint_attention_dim=T5, pooled_projection_dim=POOLED), FLUX_LORA + READERS)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    exclusion = ConceptExclusion.attach(wrapped, subspace(), "exact", optimizer=opt)
+    exclusion = ConceptExclusion.attach(wrapped, subspace(), Projection(mode="exact"), optimizer=opt)
     per_rank = GLOBAL_BATCH // world
     for step in range(STEPS):
         full = batch(step)

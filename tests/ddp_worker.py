@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from concept_exclusion.plan import projection_of
+
 GLOBAL_BATCH = 4
 STEPS = 3
 SEQ = 6
@@ -40,8 +42,8 @@ def batch(step: int):
 
 def constrained_weights(unet) -> dict[str, torch.Tensor]:
     """Full (gathered) to_k / to_v weights by canonical name, float32 on the CPU."""
-    from concept_exclusion.distributed import full_tensor
-    from concept_exclusion.targets import canonical_name
+    from concept_exclusion.dtensor import full_tensor
+    from concept_exclusion.roles import canonical_name
 
     return {canonical_name(n): full_tensor(p.detach()).float().cpu().clone()
             for n, p in unet.named_parameters() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
@@ -51,7 +53,7 @@ def constrained_weights(unet) -> dict[str, torch.Tensor]:
 def train(wrap: str, rank: int, world: int) -> dict:
     """Train STEPS SGD steps; return final weights of every parameter, the initial k/v weights and leakage."""
     from concept_exclusion import ConceptExclusion
-    from concept_exclusion.distributed import full_tensor
+    from concept_exclusion.dtensor import full_tensor
     from concept_exclusion.tiny import unet_sd
 
     torch.manual_seed(0)
@@ -79,8 +81,10 @@ def train(wrap: str, rank: int, world: int) -> dict:
     # SGD with momentum: Adam divides near-zero gradients (biases before GroupNorm) by their own size,
     # which turns float rounding of the reduction order into 1e-4 weight differences unrelated to us.
     opt = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    exclusion = ConceptExclusion.attach(model, sub, "exact", targets="kv", optimizer=opt,
-                                        project_context=wrap.endswith("-context"))
+    exclusion = ConceptExclusion.attach(model, sub,
+                                        projection_of(sub).overridden(mode="exact", targets="kv",
+                                                                      project_context=wrap.endswith("-context")),
+                                        optimizer=opt)
     per_rank = GLOBAL_BATCH // world
     for step in range(STEPS):
         x, t, ctx, target = (v[rank * per_rank:(rank + 1) * per_rank] for v in batch(step))
@@ -90,7 +94,7 @@ def train(wrap: str, rank: int, world: int) -> dict:
         torch.nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    from concept_exclusion.targets import canonical_name
+    from concept_exclusion.roles import canonical_name
 
     weights = {canonical_name(n): full_tensor(p.detach()).float().cpu().clone() for n, p in unet.named_parameters()}
     return {"weights": weights, "initial": initial, "max_leakage": exclusion.max_leakage(),

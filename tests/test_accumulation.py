@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
+from concept_exclusion.plan import projection_of
 from concept_exclusion.projector import project
 
 DIM = 32
@@ -48,7 +49,8 @@ def test_accumulate_4x1_equals_batch_4(base_unet):
     # one batch of 4
     big = copy.deepcopy(base_unet)
     opt_big = torch.optim.SGD(big.parameters(), lr=0.1, momentum=0.9)
-    ex_big = ConceptExclusion.attach(big, sub, "exact", targets="kv", optimizer=opt_big)
+    ex_big = ConceptExclusion.attach(big, sub, projection_of(sub).overridden(mode="exact", targets="kv"),
+                                     optimizer=opt_big)
     for step in range(STEPS):
         _loss(big, *_data(step)).backward()
         torch.nn.utils.clip_grad_norm_(big.parameters(), 1.0)
@@ -59,7 +61,8 @@ def test_accumulate_4x1_equals_batch_4(base_unet):
     accelerator = Accelerator(gradient_accumulation_steps=4, cpu=True)
     opt_small = torch.optim.SGD(small.parameters(), lr=0.1, momentum=0.9)
     small, opt_small = accelerator.prepare(small, opt_small)
-    ex_small = ConceptExclusion.attach(small, sub, "exact", targets="kv", optimizer=opt_small)
+    ex_small = ConceptExclusion.attach(small, sub, projection_of(sub).overridden(mode="exact", targets="kv"),
+                                       optimizer=opt_small)
     for step in range(STEPS):
         x, t, ctx, y = _data(step)
         for i in range(4):
@@ -91,7 +94,7 @@ def test_clipping_sees_projected_gradient(base_unet):
     raw = {n: p.grad.detach().clone() for n, p in plain.named_parameters()}
 
     guarded = copy.deepcopy(base_unet)
-    exclusion = ConceptExclusion.attach(guarded, sub, "exact", targets="kv")
+    exclusion = ConceptExclusion.attach(guarded, sub, projection_of(sub).overridden(mode="exact", targets="kv"))
     target_names = {t.name + ".weight" for t in exclusion.targets}
     assert len(target_names) == 8
     _loss(guarded, *data).backward()

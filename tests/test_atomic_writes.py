@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
+from concept_exclusion.plan import projection_of
 from concept_exclusion.safeio import write_safetensors, write_text
 
 from conftest import make_preset
@@ -64,7 +65,8 @@ def lora_setup(sd):
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v", "to_q", "to_out.0"]))
     sub = ConceptSubspace.from_text_encoder(make_preset(), sd.tokenizer, sd.text_encoder)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
-    exclusion = ConceptExclusion.attach(unet, sub, "exact", targets="kv", optimizer=opt)
+    exclusion = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(mode="exact", targets="kv"),
+                                        optimizer=opt)
     out = unet(torch.randn(1, 4, 8, 8), torch.tensor([3]), encoder_hidden_states=torch.randn(1, 5, 32)).sample
     out.pow(2).mean().backward()
     opt.step()

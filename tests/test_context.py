@@ -9,6 +9,7 @@ from peft import LoraConfig
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, TargetError, parse_preset
 from concept_exclusion.metadata import PREFIX
+from concept_exclusion.plan import projection_of
 
 from conftest import make_preset
 from test_core_invariant import _context, _lycoris
@@ -43,11 +44,11 @@ def test_no_gradient_depends_on_the_concept_directions(sd, kind):
     sub = ConceptSubspace.from_text_encoder(make_preset(targets='["attention"]'), sd.tokenizer, sd.text_encoder)
     ctx = _context(sd).detach()
     moved = ctx + _along(ctx, sub.basis())
-    ex = ConceptExclusion.attach(unet, sub, project_context=False)
+    ex = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(project_context=False))
     before, after = _grads(unet, ctx), _grads(unet, moved)
     assert max(float((before[n] - after[n]).norm()) for n in before) > 1e-3  # the concept signal is learnable
-    ex.detach()
-    ex = ConceptExclusion.attach(unet, sub, project_context=True)
+    ex.uninstall()
+    ex = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(project_context=True))
     assert ex.project_context and ex.metadata()[PREFIX + "project_context"] == "true"
     before, after = _grads(unet, ctx), _grads(unet, moved)
     for name in before:
@@ -63,13 +64,13 @@ def test_sampling_sees_the_model_unchanged_and_detach_restores_it(sd):
     unet.eval()
     with torch.no_grad():
         reference = unet(x, t, encoder_hidden_states=ctx).sample
-    ex = ConceptExclusion.attach(unet, sub, project_context=True)
+    ex = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(project_context=True))
     with torch.no_grad():
         assert torch.equal(unet(x, t, encoder_hidden_states=ctx).sample, reference)  # eval + no grad
         unet.train()
         projected = unet(x, t, encoder_hidden_states=ctx).sample  # train mode: a training pass
     assert not torch.allclose(projected, reference)
-    ex.detach()
+    ex.uninstall()
     with torch.no_grad():
         assert torch.equal(unet(x, t, encoder_hidden_states=ctx).sample, reference)
 
@@ -81,11 +82,11 @@ def test_kohya_network_projects_the_unet_it_patches(sd, tmp_path):
     sub = ConceptSubspace.from_text_encoder(make_preset(), sd.tokenizer, sd.text_encoder)
     before = {n: p.detach().clone() for n, p in network.named_parameters()}
     with pytest.raises(TargetError, match="base_model"):
-        ConceptExclusion.attach(network, sub, project_context=True)
+        ConceptExclusion.attach(network, sub, projection_of(sub).overridden(project_context=True))
     # refused before anything was written: exact mode's attach-time projection of the factors did not run
     assert all(torch.equal(p, before[n]) for n, p in network.named_parameters())
     assert not any(m._forward_pre_hooks for m in unet.modules())
-    ConceptExclusion.attach(network, sub, project_context=True, base_model=unet)
+    ConceptExclusion.attach(network, sub, projection_of(sub).overridden(project_context=True), base_model=unet)
     ctx = _context(sd).detach()
     seen = []
     for name, m in unet.named_modules():
@@ -100,8 +101,8 @@ def test_sdxl_pooled_input_projected_on_its_columns_only(sdxl):
     unet = sdxl.unet().requires_grad_(False)
     unet.add_embedding.linear_1.requires_grad_(True)
     sub = ConceptSubspace.from_text_encoders(make_preset(), sdxl.tokenizers, sdxl.text_encoders)
-    ex = ConceptExclusion.attach(unet, sub, project_context=True)
-    assert any("add_embedding" in name for name in ex.context.readers)
+    ex = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(project_context=True))
+    assert any("add_embedding" in reader.name for reader in ex.context.readers)
     seen = []
     unet.add_embedding.linear_1.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     pooled = torch.randn(2, 32)
@@ -129,4 +130,5 @@ def test_preset_default_is_used_by_attach(sd):
     text = make_preset().toml_text.replace('mode = "exact"', 'mode = "exact"\nproject_context = true')
     sub = ConceptSubspace.from_text_encoder(parse_preset(text), sd.tokenizer, sd.text_encoder)
     assert ConceptExclusion.attach(_peft_unet(sd), sub).project_context
-    assert not ConceptExclusion.attach(_peft_unet(sd), sub, project_context=False).project_context
+    assert not ConceptExclusion.attach(_peft_unet(sd), sub,
+                                       projection_of(sub).overridden(project_context=False)).project_context

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, SubspaceError, TargetError
-from concept_exclusion.targets import head_basis
+from concept_exclusion.options import AttachOptions
+from concept_exclusion.plan import projection_of
+from concept_exclusion.roles import head_basis
 
 from conftest import make_preset
 
@@ -21,11 +23,13 @@ def _context(sd, n=2):
     return sd.text_encoder(ids).last_hidden_state
 
 
-def _train(model, unet_forward, params, exclusion_kwargs, subspace, steps=STEPS, attach_to=None, **attach):
+def _train(model, unet_forward, params, overrides, subspace, steps=STEPS, attach_to=None, **attach):
+    """Train with the exclusion attached (``overrides`` of the preset's projection), or without it (None)."""
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)
     exclusion = None
-    if exclusion_kwargs is not None:
-        exclusion = ConceptExclusion.attach(attach_to or model, subspace, optimizer=opt, **exclusion_kwargs, **attach)
+    if overrides is not None:
+        projection = projection_of(subspace).overridden(**overrides)
+        exclusion = ConceptExclusion.attach(attach_to or model, subspace, projection, optimizer=opt, **attach)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         loss = unet_forward(g)
@@ -212,7 +216,7 @@ def test_detach_removes_hooks(sd):
     u = sub.basis().float()
     assert float((a.grad @ u).abs().max()) < 1e-6
     a.grad = None
-    ex.detach()
+    ex.uninstall()
     _sd_forward(unet, _context(sd))(torch.Generator().manual_seed(0)).backward()
     assert float((a.grad @ u).abs().max()) > 1e-6
 
@@ -282,8 +286,8 @@ def test_text_encoder_training_allowed_reencodes(sd):
     unet = _peft_unet(sd)
     params = [p for p in unet.parameters() if p.requires_grad] + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
-    ex = ConceptExclusion.attach(unet, sub, optimizer=opt, text_encoder=te, allow_text_encoder_training=True,
-                                 reencode_every=2)
+    ex = ConceptExclusion.attach(unet, sub, optimizer=opt, text_encoder=te,
+                                 options=AttachOptions(allow_text_encoder_training=True, reencode_every=2))
     first = ex.subspace.basis().clone()
     train_with_text_encoder(sd, unet, te, opt, 4)
     assert ex.steps == 4 and not torch.equal(first, ex.subspace.basis())

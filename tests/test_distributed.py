@@ -18,7 +18,8 @@ from torch import nn
 
 import ddp_worker
 from concept_exclusion import ConceptExclusion, TargetError
-from concept_exclusion.distributed import check_sharded, is_sharded, local_tensor
+from concept_exclusion.dtensor import is_sharded, local_tensor
+from concept_exclusion.plan import check_sharded, plan_exclusion, projection_of
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -118,20 +119,18 @@ def test_output_side_targets_are_refused_when_sharded(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from concept_exclusion.projector import Constraint
     from concept_exclusion.targets import Target
 
     mesh = init_device_mesh("cpu", (1,))
     w = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
     basis = torch.linalg.qr(torch.randn(8, 2, dtype=torch.float64))[0]
     assert is_sharded(w) and local_tensor(w).shape == (8, 4)
-    out_side = Constraint(Target("x.attn2.to_q", "query", "full", "output", w, None, basis), basis.float(), None)
+    out_side = Target("x.attn2.to_q", "query", "full", "output", w, None, basis)
     with pytest.raises(TargetError, match="output side"):
         check_sharded([out_side])
     cols = nn.Parameter(distribute_tensor(torch.randn(4, 8), mesh, [Shard(1)]))
     basis_in = torch.linalg.qr(torch.randn(8, 2, dtype=torch.float64))[0]
-    col_sharded = Constraint(Target("x.attn2.to_k", "key", "full", "input", cols, None, basis_in),
-                              basis_in.float(), None)
+    col_sharded = Target("x.attn2.to_k", "key", "full", "input", cols, None, basis_in)
     with pytest.raises(TargetError, match="dim 0"):
         check_sharded([col_sharded])
 
@@ -140,24 +139,22 @@ def test_fsdp1_wrapper_is_refused(sd):
     """The legacy FullyShardedDataParallel wrapper is refused by attach with a TargetError naming it."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from concept_exclusion.distributed import refuse_unsupported_wrappers
-
     class Wrapped(FullyShardedDataParallel):  # an instance check only: no process group is built
         def __init__(self):
             nn.Module.__init__(self)
             self._fsdp_wrapped_module = nn.Linear(2, 2)
 
-    holder = nn.Module()
-    holder.inner = Wrapped()
-    with pytest.raises(TargetError, match="FullyShardedDataParallel"):
-        refuse_unsupported_wrappers(holder)
-    unet = sd.unet()
-    unet.add_module("fsdp_marker", Wrapped())
     from concept_exclusion import ConceptSubspace
 
     sub = ConceptSubspace.from_rows({"context": torch.randn(3, 32, dtype=torch.float64)})
+    holder = nn.Module()
+    holder.inner = Wrapped()
+    with pytest.raises(TargetError, match="inner is wrapped by FullyShardedDataParallel"):
+        plan_exclusion(holder, sub)
+    unet = sd.unet()
+    unet.add_module("fsdp_marker", Wrapped())
     with pytest.raises(TargetError, match="FSDP1"):
-        ConceptExclusion.attach(unet, sub, "exact", targets="kv")
+        ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(mode="exact", targets="kv"))
 
 
 def test_zero3_partitioned_parameters_are_refused(sd):
@@ -170,7 +167,7 @@ def test_zero3_partitioned_parameters_are_refused(sd):
             p.ds_id = 7
     sub = ConceptSubspace.from_rows({"context": torch.randn(3, 32, dtype=torch.float64)})
     with pytest.raises(TargetError, match="ZeRO-3"):
-        ConceptExclusion.attach(unet, sub, "exact", targets="kv")
+        ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(mode="exact", targets="kv"))
 
 
 def test_sharded_projection_in_process(one_rank_group):
@@ -189,7 +186,7 @@ def test_sharded_projection_in_process(one_rank_group):
     basis = basis64.float()
     stored = constraint_value(local_tensor(w), basis, "input")
     c = Constraint(Target("b.attn2.to_k", "key", "full", "input", w, None, basis64), basis, stored)
-    grads = ShardedGradientProjector([c], 1.0)
+    grads = ShardedGradientProjector([c], 1.0).attach()
     g = torch.randn(6, 8)
     g[2, 5] = float("inf")
     g[4, 1] = float("nan")

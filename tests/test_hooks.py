@@ -9,6 +9,8 @@ import torch
 from concept_exclusion import ConceptExclusion, ConceptSubspace, TargetError
 from concept_exclusion.hooks import Hook, Hooks, OptimizerPostStep
 from concept_exclusion.metadata import PREFIX
+from concept_exclusion.options import AttachOptions
+from concept_exclusion.plan import context_readers, projection_of
 
 from conftest import make_preset
 from test_core_invariant import _context, _peft_unet, train_with_text_encoder
@@ -51,8 +53,13 @@ def test_hooks_replace_and_detach_in_reverse():
     hooks = Hooks()
     a, b = Counting(p), Counting(p)
     hooks.add("a", a)
-    hooks.add("a", b)  # replacing detaches the old one
-    assert not a.attached and b.attached and hooks.attached
+    assert not a.attached and not hooks.attached  # registering installs nothing
+    hooks.attach()
+    assert a.attached
+    hooks.add("a", b)  # replacing detaches the old one; the new one waits for attach
+    assert not a.attached and not b.attached
+    hooks.attach()
+    assert b.attached and hooks.attached
     hooks.detach()
     assert not hooks.attached and hooks.get("a") is b
     hooks.attach()
@@ -79,12 +86,12 @@ def test_detach_leaves_nothing_attached(sd):
     unet = sd.unet()  # full weights: every gradient is non-zero
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
     sub = ConceptSubspace.from_text_encoder(make_preset(targets='["attention"]'), sd.tokenizer, sd.text_encoder)
-    ex = ConceptExclusion.attach(unet, sub, optimizer=opt, project_context=True)
+    ex = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(project_context=True), optimizer=opt)
     assert ex.attached and ex.project_context
     assert {name for name, h in ex.hooks if h.attached} == {"gradient", "distributed", "context", "optimizer"}
     readers = [m for m in unet.modules() if m._forward_pre_hooks]
     assert readers and opt._optimizer_step_post_hooks
-    ex.detach()
+    ex.uninstall()
     assert not ex.attached and not ex.project_context and not ex.context.attached
     assert all(not h.attached and h.handles == 0 for _, h in ex.hooks)
     assert not any(m._forward_pre_hooks for m in unet.modules()) and not opt._optimizer_step_post_hooks
@@ -102,11 +109,14 @@ def test_reencoding_is_detach_then_attach(sd):
     sub = ConceptSubspace.from_text_encoder(make_preset(), sd.tokenizer, te)
     unet = _peft_unet(sd)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad] + list(te.parameters()), lr=1e-2)
-    ex = ConceptExclusion.attach(unet, sub, optimizer=opt, text_encoder=te, allow_text_encoder_training=True,
-                                 reencode_every=1, project_context=True)
+    ex = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(project_context=True), optimizer=opt,
+                                 text_encoder=te,
+                                 options=AttachOptions(allow_text_encoder_training=True, reencode_every=1))
     before = {name: (h, h.handles) for name, h in ex.hooks}
     train_with_text_encoder(sd, unet, te, opt, 1)
-    assert ex.steps == 1 and ex.subspace is not sub and ex.context.subspace is ex.subspace
+    assert ex.steps == 1 and ex.subspace is not sub
+    fresh = {r.name: r.basis for r in context_readers(unet, ex.subspace)}
+    assert all(torch.equal(r.basis, fresh[r.name]) for r in ex.context.readers)  # the readers hold the new bases
     assert {name: (h, h.handles) for name, h in ex.hooks} == before  # the same hooks, attached again
-    ex.detach()
+    ex.uninstall()
     assert not ex.attached

@@ -37,7 +37,7 @@ def test_frozen_layers_are_warned_recorded_and_audited(sd, caplog, tmp_path, cap
     warned = [r.getMessage() for r in caplog.records if "get no change at all" in r.getMessage()]
     assert warned and exclusion.frozen_layers[0] in warned[0]
     recorded = json.loads(exclusion.metadata()[PREFIX + "frozen_layers"])
-    assert recorded == exclusion.frozen_layers
+    assert recorded == list(exclusion.frozen_layers)
     from concept_exclusion.integrations.diffusers import save_lora
 
     path = save_lora(unet, tmp_path / "lora.safetensors", exclusion, format="kohya")

@@ -80,8 +80,8 @@ def test_sd1_exclusion_run_from_config_file_passes_audit(sd, preset_file, tmp_pa
     assert meta[PREFIX + "base_network"] == "lycoris.kohya"
     # the text states were projected in the UNet the network patches (its cross-attention k/v layers)
     assert meta[PREFIX + "project_context"] == "true"
-    assert run.network.exclusion._context.readers and all(
-        n.endswith(("attn2.to_k", "attn2.to_v")) for n in run.network.exclusion._context.readers)
+    assert run.network.exclusion.context.readers and all(
+        r.name.endswith(("attn2.to_k", "attn2.to_v")) for r in run.network.exclusion.context.readers)
     assert float(meta[PREFIX + "leakage_max"]) < 1e-5
     assert read_basis(meta, "context").shape == (32, run.network.subspace.rank())
     assert all(isinstance(v, str) for v in meta.values())

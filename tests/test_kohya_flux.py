@@ -94,7 +94,7 @@ def test_default_network_is_protected_by_context_projection_on_the_flux_model(pa
     with_us = relative_changes(grads(states, pooled), grads(*moved))
     assert len(with_us) == len(list(run.network.base_network.parameters()))
     assert max(with_us.values()) < 1e-4
-    ex.detach()
+    ex.uninstall()
     assert max(relative_changes(grads(states, pooled), grads(*moved)).values()) > 1e-2
 
 

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
+from concept_exclusion.plan import projection_of
+from concept_exclusion.preset import Projection
 from concept_exclusion.projector import WeightProjector, Constraint, project
 from concept_exclusion.targets import Target
 
@@ -50,7 +52,7 @@ def test_hook_keeps_nonfinite_in_place(dtype):
     torch.manual_seed(0)
     model = Toy().to(dtype)
     sub = _subspace()
-    ConceptExclusion.attach(model, sub, "exact", targets="kv")
+    ConceptExclusion.attach(model, sub, projection_of(sub).overridden(mode="exact", targets="kv"))
     w = model.blocks[0].attn2.to_k.weight
     g = torch.randn(w.shape).to(dtype)
     g[1, 2], g[5, 0], g[7, 31] = float("inf"), float("-inf"), float("nan")
@@ -100,7 +102,8 @@ def test_fp16_gradscaler_skips_overflowing_step_and_keeps_invariant():
     raw = {}
     k = model.blocks[0].attn2.to_k.weight
     k.register_hook(lambda g: raw.__setitem__("k", g.detach().clone()))  # runs before the projection's hook
-    exclusion = ConceptExclusion.attach(model, sub, "exact", targets="kv", optimizer=opt)
+    exclusion = ConceptExclusion.attach(model, sub, projection_of(sub).overridden(mode="exact", targets="kv"),
+                                        optimizer=opt)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
 
@@ -149,7 +152,8 @@ def test_bf16_autocast_unet_keeps_invariant(sd):
     sub = ConceptSubspace.from_text_encoder(make_preset(), sd.tokenizer, sd.text_encoder)
     unet = sd.unet()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    exclusion = ConceptExclusion.attach(unet, sub, "exact", targets="kv", optimizer=opt)
+    exclusion = ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(mode="exact", targets="kv"),
+                                        optimizer=opt)
     w0 = {t.name: t.param.detach().clone() for t in exclusion.targets}
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(2, 6, 32, generator=g)
@@ -199,8 +203,7 @@ def _bf16_run(mode: str, steps: int, checkpoints: tuple[int, ...]) -> dict[int, 
     net = KohyaNetwork().to(torch.bfloat16)
     sub = _subspace()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.01)
-    exclusion = ConceptExclusion.attach(net, sub, mode, targets="kv", optimizer=opt,
-                                        **({"strength": 1.0} if mode == "gradient" else {}))
+    exclusion = ConceptExclusion.attach(net, sub, Projection(mode=mode, targets=("kv",)), optimizer=opt)
     basis = sub.basis().float()
     downs = [m.lora_down.weight for m in net.loras]
     g = torch.Generator().manual_seed(1)

@@ -16,6 +16,8 @@ from torch import nn
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, SubspaceError, TargetError, parse_preset
 from concept_exclusion.cli import main
+from concept_exclusion.plan import projection_of
+from concept_exclusion.preset import Projection
 
 from conftest import make_preset, write_captioned_images
 
@@ -68,7 +70,7 @@ def test_model_without_targets():
     model = nn.Sequential(nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 4))
     before = _snapshot(model)
     with pytest.raises(TargetError, match=r"no trainable target in Sequential: searched 0 matching layer"):
-        ConceptExclusion.attach(model, _subspace(32), "exact", targets="kv")
+        ConceptExclusion.attach(model, _subspace(32), Projection(mode="exact", targets=("kv",)))
     _untouched(model, before)
 
 
@@ -76,7 +78,7 @@ def test_frozen_unet_has_no_targets(sd):
     unet = sd.unet().requires_grad_(False)
     before = _snapshot(unet)
     with pytest.raises(TargetError, match=r"no trainable target in UNet2DConditionModel: searched \d+ matching"):
-        ConceptExclusion.attach(unet, _subspace(32), "exact", targets="kv")
+        ConceptExclusion.attach(unet, _subspace(32), Projection(mode="exact", targets=("kv",)))
     _untouched(unet, before)
 
 
@@ -84,7 +86,7 @@ def test_basis_width_does_not_match_cross_attention(sd):
     unet = sd.unet()
     before = _snapshot(unet)
     with pytest.raises(SubspaceError, match=r"attn2\.to_k: reads 32-d text embeddings but the concept basis is 48-d"):
-        ConceptExclusion.attach(unet, _subspace(48), "exact", targets="kv")
+        ConceptExclusion.attach(unet, _subspace(48), Projection(mode="exact", targets=("kv",)))
     _untouched(unet, before)
 
 
@@ -94,7 +96,7 @@ def test_basis_from_another_models_encoders(sd, sdxl):
     assert sub.dim() == 64
     unet = sd.unet()
     with pytest.raises(SubspaceError, match=r"reads 32-d text embeddings but the concept basis is 64-d"):
-        ConceptExclusion.attach(unet, sub, "exact", targets="kv")
+        ConceptExclusion.attach(unet, sub, projection_of(sub).overridden(mode="exact", targets="kv"))
 
 
 def test_concept_truncated_away_by_the_tokenizer(sd):

@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
+from concept_exclusion.preset import Projection
 from concept_exclusion.projector import GradientProjector, WeightProjector, Constraint, project_grad
 from concept_exclusion.targets import Target
 
@@ -111,7 +112,8 @@ def test_hooks_and_post_step_make_no_host_reads(make, mode):
     """Real ``ConceptExclusion`` on CPU: its hooks and its post-step work run only device-side ops."""
     model = make()
     sub = ConceptSubspace.from_rows({"context": torch.randn(5, 24, dtype=torch.float64)}, energy=1.0, max_rank=5)
-    ex = ConceptExclusion.attach(model, sub, mode, strength=1.0 if mode == "exact" else 0.7, targets="kv")
+    ex = ConceptExclusion.attach(model, sub,
+                                 Projection(mode=mode, strength=1.0 if mode == "exact" else 0.7, targets=("kv",)))
     hooks = [(list(t.param._backward_hooks.values()), t.param) for t in ex.targets]
     assert all(len(h) == 1 for h, _ in hooks)
     grads = []
@@ -146,7 +148,7 @@ def test_hot_path_runs_on_meta_tensors(side, dtype):
     stored = torch.empty((16, 5) if side == "input" else (5, 16), device=device)
     full = Constraint(Target("w", "key", "full", side, params[2], None, None), basis, stored)
     with HostSyncGuard() as guard:
-        GradientProjector(lora + [full], 0.5)  # registering hooks is not the hot path, but costs nothing
+        GradientProjector(lora + [full], 0.5).attach()  # registering hooks is not the hot path, but costs nothing
         for p in params:
             out = project_grad(torch.empty_like(p), basis, side, 0.5)
             assert out.dtype == dtype and out.device.type == device

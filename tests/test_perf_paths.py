@@ -11,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
 from concept_exclusion import projector
+from concept_exclusion.options import AttachOptions
+from concept_exclusion.preset import Projection
 from concept_exclusion.projector import WeightProjector, Constraint, project, project_grad
 from concept_exclusion.targets import Target
 
@@ -119,14 +121,15 @@ def _subspace():
 
 
 def test_one_device_basis_for_all_key_value_targets():
-    ex = ConceptExclusion.attach(_kv_model(lora=True), _subspace(), "exact", targets="kv")
-    assert len(ex._constraints) == 4
-    assert len({c.basis.data_ptr() for c in ex._constraints}) == 1
+    ex = ConceptExclusion.attach(_kv_model(lora=True), _subspace(), Projection(mode="exact", targets=("kv",)))
+    held = ex.memory()
+    assert held["constraints"] == 4
+    assert held["device_bases"] == ex.subspace.basis().float().nbytes  # one float32 copy of the basis for all four
 
 
 def test_strength_zero_installs_no_hooks():
     model = _kv_model(lora=True)
-    ConceptExclusion.attach(model, _subspace(), "gradient", strength=0.0, targets="kv")
+    ConceptExclusion.attach(model, _subspace(), Projection(mode="gradient", strength=0.0, targets=("kv",)))
     assert all(not p._backward_hooks for p in model.parameters() if p.requires_grad)
 
 
@@ -145,8 +148,8 @@ def _train(model, ex, steps=5):
 
 def test_lora_starting_at_zero_keeps_no_snapshot_and_reports_the_same_leakage():
     model = _kv_model(lora=True)
-    ex = ConceptExclusion.attach(model, _subspace(), "gradient", strength=0.5, targets="kv")
-    assert all(v is None for v in ex._initial.values())  # PEFT's lora_B starts at 0
+    ex = ConceptExclusion.attach(model, _subspace(), Projection(mode="gradient", strength=0.5, targets=("kv",)))
+    assert ex.memory()["snapshots"] == 0  # PEFT's lora_B starts at 0
     _train(model, ex)
     u = ex.subspace.basis()
     for t in ex.targets:
@@ -158,8 +161,8 @@ def test_lora_starting_at_zero_keeps_no_snapshot_and_reports_the_same_leakage():
     assert not any(k.startswith("initial.") for k in state)
     assert all(f"initial_zero.{t.name}" in state for t in ex.targets)
     # resuming: the adapter is no longer 0, so a fresh attach snapshots it; the saved state says it was 0
-    again = ConceptExclusion.attach(model, ex.subspace, "gradient", strength=0.5, targets="kv")
-    assert all(v is not None for v in again._initial.values())
+    again = ConceptExclusion.attach(model, ex.subspace, Projection(mode="gradient", strength=0.5, targets=("kv",)))
+    assert all(f"initial.{t.name}" in again.state_dict() for t in again.targets)
     again.load_state_dict(state)
     assert again.leakage() == pytest.approx(ex.leakage(), rel=1e-6)
 
@@ -170,8 +173,8 @@ def test_lora_not_starting_at_zero_keeps_its_snapshot():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_()
-    ex = ConceptExclusion.attach(model, _subspace(), "gradient", strength=0.5, targets="kv")
-    assert all(v is not None for v in ex._initial.values())
+    ex = ConceptExclusion.attach(model, _subspace(), Projection(mode="gradient", strength=0.5, targets=("kv",)))
+    assert ex.memory()["snapshots"] == sum((t.param.numel() + t.other.numel()) * 4 for t in ex.targets)
     initial = {t.name: (t.other.detach() @ t.param.detach()).double() for t in ex.targets}
     _train(model, ex)
     u = ex.subspace.basis()
@@ -185,9 +188,10 @@ def test_lora_not_starting_at_zero_keeps_its_snapshot():
 @pytest.mark.parametrize("mode", ["exact", "gradient"])
 def test_full_weights_without_snapshots(mode):
     model = _kv_model(lora=False)
-    ex = ConceptExclusion.attach(model, _subspace(), mode, strength=1.0 if mode == "exact" else 0.3,
-                                 targets="kv", leakage_snapshots=False)
-    assert all(v is None for v in ex._initial.values())
+    ex = ConceptExclusion.attach(model, _subspace(),
+                                 Projection(mode=mode, strength=1.0 if mode == "exact" else 0.3, targets=("kv",)),
+                                 options=AttachOptions(leakage_snapshots=False))
+    assert ex.memory()["snapshots"] == 0
     before = {t.name: t.param.detach().clone() for t in ex.targets}
     _train(model, ex)
     u = ex.subspace.basis().float()

@@ -18,3 +18,22 @@ def test_readme_python_example_runs(tmp_path, capsys):
     assert leak <= 1e-5
     assert namespace["metadata"]["concept_exclusion.preset_name"] == "example-logo"
     assert all(isinstance(v, str) for v in namespace["metadata"].values())
+
+
+def test_readme_prints_the_signature_of_attach():
+    """The README's one-line signature of ``ConceptExclusion.attach`` is the code's, name for name and default
+    for default."""
+    import inspect
+
+    from concept_exclusion import ConceptExclusion
+
+    printed = re.search(r"`ConceptExclusion\.attach(\(.*?\))`", README.read_text(encoding="utf-8"))
+    assert printed, "README does not print attach's signature"
+    params = inspect.signature(ConceptExclusion.attach).parameters.values()
+    parts, star = [], False
+    for p in params:  # names and defaults, as the README shows them (no annotations)
+        if p.kind is p.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    assert printed.group(1) == "(" + ", ".join(parts) + ")"

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, TargetError
+from concept_exclusion.options import AttachOptions
 from concept_exclusion.roles import (ROLES, Role, add_role, attention_path, basis_for, reads_text, role_of,
                                      roles_in, target_sets)
-from concept_exclusion.targets import find_targets
+from concept_exclusion.plan import context_readers, find_targets
+from concept_exclusion.preset import Projection
 
 from conftest import make_preset
 from test_core_invariant import _peft_unet, train_with_text_encoder
@@ -69,8 +71,6 @@ def test_basis_shapes():
 
 def test_adding_a_row_adds_an_architecture(sd):
     """A new text reader is one row: find_targets and the context readers pick it up."""
-    from concept_exclusion.context import context_readers
-
     row = Role("test_reader", re.compile(r"(^|[._])text_in$"), "context", "input", "exact", True, ("kv",), "text_in")
     add_role(row)
     try:
@@ -79,7 +79,7 @@ def test_adding_a_row_adds_an_architecture(sd):
         model = torch.nn.Module()
         model.text_in = torch.nn.Linear(32, 16)
         sub = ConceptSubspace.from_text_encoder(make_preset(), sd.tokenizer, sd.text_encoder)
-        (t,) = find_targets(model, sub, ("kv",))
+        (t,) = find_targets(model, sub, Projection(targets=("kv",)))
         assert t.role == "test_reader" and t.side == "input" and t.basis is sub.basis()
         assert [name for name, _, _ in context_readers(model, sub)] == ["text_in"]
     finally:
@@ -96,12 +96,12 @@ def test_reencoding_refreshes_query_and_out_bases(sd):
     sub = ConceptSubspace.from_text_encoder(make_preset(targets='["attention"]'), sd.tokenizer, te)
     unet = _peft_unet(sd, ("to_q", "to_k", "to_v", "to_out.0"))
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad] + list(te.parameters()), lr=1e-2)
-    ex = ConceptExclusion.attach(unet, sub, optimizer=opt, text_encoder=te, allow_text_encoder_training=True,
-                                 reencode_every=2)
+    ex = ConceptExclusion.attach(unet, sub, optimizer=opt, text_encoder=te,
+                                 options=AttachOptions(allow_text_encoder_training=True, reencode_every=2))
     first = {t.name: t.basis.clone() for t in ex.targets}
     assert {t.role for t in ex.targets} == {"key", "value", "query", "out"}
     train_with_text_encoder(sd, unet, te, opt, 2)
-    fresh = {t.name: t.basis for t in find_targets(unet, ex.subspace, ("attention",))}
+    fresh = {t.name: t.basis for t in find_targets(unet, ex.subspace, Projection(targets=("attention",)))}
     for t in ex.targets:
         assert not torch.equal(t.basis, first[t.name]), t.name  # nothing keeps a stale basis
         torch.testing.assert_close(t.basis, fresh[t.name], rtol=0, atol=1e-12)

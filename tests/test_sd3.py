@@ -14,8 +14,8 @@ import torch
 from conftest import WORDS, make_preset
 from mmdit_common import READERS, add_lora, effective_delta, grads, loss_of, move_along, relative_changes, sd3_inputs
 from concept_exclusion import ConceptExclusion
-from concept_exclusion.context import context_readers
 from concept_exclusion.integrations.diffusers import encode_prompts, save_lora, subspace_from_pipeline
+from concept_exclusion.plan import context_readers, projection_of
 from concept_exclusion.tiny_mmdit import sd3_pipeline, sd3_transformer
 
 PROMPTS = ["a photo of the zorblax logo", "a red shirt with the zorblax logo sign"]
@@ -45,13 +45,13 @@ def test_gradients_ignore_concept_moves_in_joint_and_pooled_states(sd3, kind):
     model = add_lora(model, SD3_LORA + READERS) if kind == "lora" else model.requires_grad_(True)
     inputs = sd3_inputs(len(PROMPTS))
     moved = move_along(sd3.states, sd3.sub.basis("context")), move_along(sd3.pooled, sd3.sub.basis("pooled"))
-    ex = ConceptExclusion.attach(model, sd3.sub, "exact")
+    ex = ConceptExclusion.attach(model, sd3.sub, projection_of(sd3.sub).overridden(mode="exact"))
     assert ex.project_context
     assert sorted(n for n, _, _ in context_readers(model, sd3.sub)) == sorted(READERS)
     changes = relative_changes(grads(model, inputs, sd3.states, sd3.pooled), grads(model, inputs, *moved))
     worst = max(changes, key=changes.get)
     assert changes[worst] < 1e-4, (worst, changes[worst])
-    ex.detach()
+    ex.uninstall()
     plain = relative_changes(grads(model, inputs, sd3.states, sd3.pooled), grads(model, inputs, *moved))
     assert max(plain.values()) > 1e-2
 
@@ -61,7 +61,7 @@ def test_readers_fixed_on_basis_and_lora_reloads_in_sd3_pipeline(sd3, tmp_path):
 
     model = add_lora(copy.deepcopy(sd3.pipe.transformer).train(), SD3_LORA + READERS)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    ex = ConceptExclusion.attach(model, sd3.sub, "exact", optimizer=opt)
+    ex = ConceptExclusion.attach(model, sd3.sub, projection_of(sd3.sub).overridden(mode="exact"), optimizer=opt)
     for step in range(6):
         loss_of(model, sd3_inputs(2, seed=step), sd3.states, sd3.pooled).backward()
         opt.step()
@@ -78,7 +78,7 @@ def test_readers_fixed_on_basis_and_lora_reloads_in_sd3_pipeline(sd3, tmp_path):
         want = loss_of(model.eval(), inputs, sd3.states, sd3.pooled)
         got = loss_of(pipe.transformer.eval(), inputs, sd3.states, sd3.pooled)
     assert abs(float(got - want)) < 1e-5 * float(want)
-    ex.detach()
+    ex.uninstall()
 
 
 def test_sd35_dual_attention_attn2_is_image_self_attention_not_a_target(sd3):
@@ -86,6 +86,6 @@ def test_sd35_dual_attention_attn2_is_image_self_attention_not_a_target(sd3):
                            dual_attention_layers=(0,))
     assert any(".attn2.to_k" in n for n, _ in dual.named_modules())
     add_lora(dual, SD3_LORA + ["attn2.to_k", "attn2.to_v", "attn2.to_q", "attn2.to_out.0"] + READERS)
-    ex = ConceptExclusion.attach(dual, sd3.sub, "exact", targets="attention")
+    ex = ConceptExclusion.attach(dual, sd3.sub, projection_of(sd3.sub).overridden(mode="exact", targets="attention"))
     assert {t.name for t in ex.targets} == set(READERS)
-    ex.detach()
+    ex.uninstall()

@@ -93,9 +93,10 @@ def finetune(base: Base, method: Method, seed: int, config: TrainConfig = TrainC
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     exclusion = None
     if method.mode is not None:
-        exclusion = ConceptExclusion.attach(model, subspace_for(base, method), mode=method.mode,
-                                            targets=method.targets, optimizer=opt,
-                                            project_context=method.project_context)
+        subspace = subspace_for(base, method)
+        projection = subspace.preset.projection.overridden(mode=method.mode, targets=method.targets,
+                                                           project_context=method.project_context)
+        exclusion = ConceptExclusion.attach(model, subspace, projection, optimizer=opt)
     preservation = None
     if method.preserve is not None:
         preservation = OutputPreservation.from_preset(world_preset(method.preset), target=method.preserve,
@@ -126,6 +127,6 @@ def finetune(base: Base, method: Method, seed: int, config: TrainConfig = TrainC
         opt.step()
         losses.append(loss.item())
     if exclusion is not None:
-        exclusion.detach()
+        exclusion.uninstall()
     model.eval()
     return Finetuned(method, seed, model, exclusion, time.time() - t0, losses)
