@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
+from concept_exclusion.model.plan import projection_of
 from concept_exclusion.options import AttachOptions
-from concept_exclusion.plan import projection_of
 
 log = logging.getLogger("overhead")
 
@@ -346,7 +346,7 @@ SD15_UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json (oth
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=SD15_CONTEXT, attention_head_dim=8, norm_num_groups=32)
-TINY_UNET_CONFIG = dict(  # concept_exclusion.tiny.unet_sd with SD1's 768-d text
+TINY_UNET_CONFIG = dict(  # concept_exclusion.testing.tiny.unet_sd with SD1's 768-d text
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=SD15_CONTEXT, attention_head_dim=8, norm_num_groups=32)

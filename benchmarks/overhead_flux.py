@@ -44,9 +44,9 @@ from overhead import (NaiveProjection, _cuda_sync_check, _timer, build_model, co
                       held_memory, interleaved_ms, machine)
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace  # noqa: E402
+from concept_exclusion.concept.preset import Projection
+from concept_exclusion.model.plan import projection_of
 from concept_exclusion.options import AttachOptions
-from concept_exclusion.plan import projection_of
-from concept_exclusion.preset import Projection
 
 log = logging.getLogger("overhead_flux")
 

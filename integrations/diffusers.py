@@ -18,17 +18,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from concept_exclusion.encoders import TextEncoders
+from concept_exclusion.concept.encoders import TextEncoders
+from concept_exclusion.concept.preset import Preset, Projection, load_preset
+from concept_exclusion.concept.subspace import ConceptSubspace
 from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
 from concept_exclusion.exclusion import ConceptExclusion
+from concept_exclusion.lora.sdxl_names import diffusers_to_sai
+from concept_exclusion.model.roles import canonical_name
+from concept_exclusion.model.scan import scan
 from concept_exclusion.options import AttachOptions
 from concept_exclusion.preservation import warn_unapplied
-from concept_exclusion.preset import Preset, Projection, load_preset
-from concept_exclusion.roles import canonical_name
 from concept_exclusion.safeio import read_safetensors, write_safetensors
-from concept_exclusion.scan import scan
-from concept_exclusion.sdxl_names import diffusers_to_sai
-from concept_exclusion.subspace import ConceptSubspace
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def encode_prompts(pipe, texts: Sequence[str], clip_skip: int | None = None, dev
                    max_sequence_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt embeddings [n, L, d], pooled [n, p] or None): the conditioning the denoiser is trained on.
 
-    It is the subspace's own encoding path (``concept_exclusion.encoders.TextEncoders.conditioning``), so
+    It is the subspace's own encoding path (``concept_exclusion.concept.encoders.TextEncoders.conditioning``), so
     the two read the same layers: SD1.x/2.x the last layer, or layer ``-clip_skip`` through the final layer
     norm; SDXL layer ``-clip_skip`` (default 2) of both encoders, concatenated, and the second's pooled
     projection; Flux and SD3 as in ``subspace_from_pipeline``.

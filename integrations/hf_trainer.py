@@ -23,16 +23,16 @@ from typing import Any, Literal, Sequence
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from concept_exclusion.codec import from_json, record_of, to_json
+from concept_exclusion.concept.codec import from_json, record_of, to_json
+from concept_exclusion.concept.model_folder import load_text_encoders
+from concept_exclusion.concept.preset import TARGET_SETS, load_preset
+from concept_exclusion.concept.subspace import ConceptSubspace
 from concept_exclusion.errors import ConceptExclusionError, ModelFolderError
 from concept_exclusion.exclusion import ConceptExclusion
-from concept_exclusion.model_folder import load_text_encoders
+from concept_exclusion.model.plan import projection_of
 from concept_exclusion.options import check_mode_strength
-from concept_exclusion.plan import projection_of
 from concept_exclusion.preservation import OutputPreservation, warn_unapplied
-from concept_exclusion.preset import TARGET_SETS, load_preset
 from concept_exclusion.safeio import read_safetensors, write_safetensors
-from concept_exclusion.subspace import ConceptSubspace
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ConceptExclusionArguments:
         return tuple(t.strip() for t in self.concept_targets.split(",") if t.strip())
 
 
-# the subspace as JSON (TrainerState is JSON; ExportableState rebuilds callbacks from it): concept_exclusion.codec
+# the subspace as JSON (TrainerState is JSON; ExportableState rebuilds callbacks from it): concept_exclusion.concept.codec
 def subspace_to_json(subspace: ConceptSubspace) -> dict[str, Any]:
     """Bases as base64 of float64 little-endian bytes (bit-exact), with the preset and encoder identity."""
     return to_json(record_of(subspace))

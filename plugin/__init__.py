@@ -5,22 +5,22 @@
     exclusion = ConceptExclusion.attach(unet, subspace, optimizer=optimizer)
 """
 
-from ._version import __version__
-from .errors import (AuditError, ConceptExclusionError, LoraFileError, ModelFolderError, PresetError,
-                     SafetensorsFileError, SubspaceError, TargetError)
-from .exclusion import ConceptExclusion
-from .options import AttachOptions
-from .plan import Plan, context_readers, find_targets, plan_exclusion
-from .preservation import OutputPreservation
-from .preset import Concept, Preset, Projection, load_preset, parse_preset, shipped_presets
-from .projector import Constraint, GradientProjector, WeightProjector, constraints_for
-from .subspace import ConceptSubspace
-from .targets import Target
+from concept_exclusion._version import __version__
+from concept_exclusion.concept.preset import Concept, Preset, Projection, load_preset, parse_preset, shipped_presets
+from concept_exclusion.concept.subspace import ConceptSubspace
+from concept_exclusion.errors import (AuditError, ConceptExclusionError, LoraFileError, ModelFolderError, PresetError,
+                                      SafetensorsFileError, SubspaceError, TargetError)
+from concept_exclusion.exclusion import ConceptExclusion
+from concept_exclusion.hooks.gradient import Constraint, GradientProjector, WeightProjector, constraints_for
+from concept_exclusion.model.plan import Plan, context_readers, find_targets, plan_exclusion
+from concept_exclusion.model.targets import Target
+from concept_exclusion.options import AttachOptions
+from concept_exclusion.preservation import OutputPreservation
 
 __all__ = [
-    "__version__", "AttachOptions", "AuditError", "ConceptExclusion", "ConceptExclusionError", "ConceptSubspace", "Concept",
-    "Constraint", "GradientProjector", "LoraFileError", "ModelFolderError",
-    "OutputPreservation", "Plan", "PresetError", "Preset", "Projection", "SafetensorsFileError", "SubspaceError", "TargetError",
-    "Target", "WeightProjector", "constraints_for", "context_readers", "find_targets", "load_preset", "parse_preset",
+    "__version__", "AttachOptions", "AuditError", "Concept", "ConceptExclusion", "ConceptExclusionError",
+    "ConceptSubspace", "Constraint", "GradientProjector", "LoraFileError", "ModelFolderError", "OutputPreservation",
+    "Plan", "Preset", "PresetError", "Projection", "SafetensorsFileError", "SubspaceError", "Target", "TargetError",
+    "WeightProjector", "constraints_for", "context_readers", "find_targets", "load_preset", "parse_preset",
     "plan_exclusion", "shipped_presets",
 ]

@@ -4,7 +4,7 @@ Guarantee in exact mode: after every optimizer step (registered on ``optimizer``
 ``after_optimizer_step``), each constrained tensor satisfies its constraint to float precision:
 for key/value/pooled targets ``(W_eff - W_eff0) U = 0``, for the 'attention' set also
 ``Q_k^T (W_q,eff - W_q,eff0) = 0`` and ``(W_o,eff - W_o,eff0) Q_v = 0``. With ``project_context``,
-training passes also read text states without their concept component (``concept_exclusion.context``).
+training passes also read text states without their concept component (``concept_exclusion.hooks.context``).
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .context import ContextProjector
-from .distributed import ShardedGradientProjector, ShardedWeightProjector
-from .dtensor import full_tensor, local_tensor
-from .errors import TargetError
-from .hooks import Hooks, OptimizerPostStep
-from .metadata import Provenance, provenance_metadata
-from .options import AttachOptions
-from .plan import Plan, plan_exclusion
-from .preset import Projection
-from .projector import GradientProjector, constraints_for
-from .subspace import ConceptSubspace
-from .targets import Target
+from concept_exclusion.concept.preset import Projection
+from concept_exclusion.concept.subspace import ConceptSubspace
+from concept_exclusion.errors import TargetError
+from concept_exclusion.hooks.base import Hooks, OptimizerPostStep
+from concept_exclusion.hooks.context import ContextProjector
+from concept_exclusion.hooks.dtensor import full_tensor, local_tensor
+from concept_exclusion.hooks.gradient import GradientProjector, constraints_for
+from concept_exclusion.hooks.sharded import ShardedGradientProjector, ShardedWeightProjector
+from concept_exclusion.metadata import Provenance, provenance_metadata
+from concept_exclusion.model.plan import Plan, plan_exclusion
+from concept_exclusion.model.targets import Target
+from concept_exclusion.options import AttachOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ConceptExclusion:
     def attach(cls, model: nn.Module, subspace: ConceptSubspace, projection: Projection | None = None, *,
                optimizer=None, text_encoder: nn.Module | Sequence[nn.Module] | None = None,
                base_model: nn.Module | None = None, options: AttachOptions | None = None) -> "ConceptExclusion":
-        """Validate, plan (``concept_exclusion.plan``) and install the exclusion of ``subspace`` from ``model``.
+        """Validate, plan (``concept_exclusion.model.plan``) and install the exclusion of ``subspace`` from ``model``.
 
         ``projection``: what to constrain and how (default: the preset's ``[projection]``;
         ``Projection.overridden`` changes a few settings). ``optimizer``: run the post-step work on it (else call

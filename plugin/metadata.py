@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import basis_from_header, decode_basis, encode_basis, record_of, to_header
-from .errors import SafetensorsFileError
+from concept_exclusion.concept.codec import basis_from_header, decode_basis, encode_basis, record_of, to_header
+from concept_exclusion.errors import SafetensorsFileError
 
 PREFIX = "concept_exclusion."
 __all__ = ["PREFIX", "Provenance", "decode_basis", "encode_basis", "ours", "provenance_metadata", "read_basis",

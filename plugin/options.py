@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConceptExclusionError
-from .preset import MODES
+from concept_exclusion.concept.preset import MODES
+from concept_exclusion.errors import ConceptExclusionError
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")

@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import ConceptExclusionError
-from .preset import Preset
+from concept_exclusion.concept.preset import Preset
+from concept_exclusion.errors import ConceptExclusionError
 
 log = logging.getLogger(__name__)
 

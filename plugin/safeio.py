@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import SafetensorsFileError
+from concept_exclusion.errors import SafetensorsFileError
 
 MAX_HEADER_BYTES = 100_000_000
 MAX_DIM = 2 ** 40  # no real tensor has a dimension this large; larger ones overflow torch's storage maths

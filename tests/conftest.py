@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from concept_exclusion import parse_preset
-from concept_exclusion.tiny import clip_text_encoder, clip_tokenizer, unet_sd, unet_sdxl
+from concept_exclusion.testing.tiny import clip_text_encoder, clip_tokenizer, unet_sd, unet_sdxl
 
 WORDS = ("a photo of the zorblax logo brand shirt with sign showing on red blue green background in scene image "
          "picture something thing cat dog tree house car circle square").split()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from concept_exclusion.preset import Projection
+from concept_exclusion.concept.preset import Projection
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -45,7 +45,7 @@ def train(rank: int, world: int) -> dict:
     from mmdit_common import FLUX_LORA, READERS, add_lora, loss_of
 
     from concept_exclusion import ConceptExclusion
-    from concept_exclusion.tiny_mmdit import flux_transformer
+    from concept_exclusion.testing.tiny_mmdit import flux_transformer
 
     model = add_lora(flux_transformer(joint_attention_dim=T5, pooled_projection_dim=POOLED), FLUX_LORA + READERS)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from concept_exclusion.plan import projection_of
+from concept_exclusion.model.plan import projection_of
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -42,8 +42,8 @@ def batch(step: int):
 
 def constrained_weights(unet) -> dict[str, torch.Tensor]:
     """Full (gathered) to_k / to_v weights by canonical name, float32 on the CPU."""
-    from concept_exclusion.dtensor import full_tensor
-    from concept_exclusion.roles import canonical_name
+    from concept_exclusion.hooks.dtensor import full_tensor
+    from concept_exclusion.model.roles import canonical_name
 
     return {canonical_name(n): full_tensor(p.detach()).float().cpu().clone()
             for n, p in unet.named_parameters() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
@@ -53,8 +53,8 @@ def constrained_weights(unet) -> dict[str, torch.Tensor]:
 def train(wrap: str, rank: int, world: int) -> dict:
     """Train STEPS SGD steps; return final weights of every parameter, the initial k/v weights and leakage."""
     from concept_exclusion import ConceptExclusion
-    from concept_exclusion.dtensor import full_tensor
-    from concept_exclusion.tiny import unet_sd
+    from concept_exclusion.hooks.dtensor import full_tensor
+    from concept_exclusion.testing.tiny import unet_sd
 
     torch.manual_seed(0)
     unet = unet_sd(cross_attention_dim=DIM, seed=0)
@@ -94,7 +94,7 @@ def train(wrap: str, rank: int, world: int) -> dict:
         torch.nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    from concept_exclusion.roles import canonical_name
+    from concept_exclusion.model.roles import canonical_name
 
     weights = {canonical_name(n): full_tensor(p.detach()).float().cpu().clone() for n, p in unet.named_parameters()}
     return {"weights": weights, "initial": initial, "max_leakage": exclusion.max_leakage(),

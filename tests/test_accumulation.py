@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
-from concept_exclusion.plan import projection_of
-from concept_exclusion.projector import project
+from concept_exclusion.hooks.gradient import project
+from concept_exclusion.model.plan import projection_of
 
 DIM = 32
 STEPS = 2
@@ -37,7 +37,7 @@ def _loss(unet, x, t, ctx, y):
 
 @pytest.fixture(scope="module")
 def base_unet():
-    from concept_exclusion.tiny import unet_sd
+    from concept_exclusion.testing.tiny import unet_sd
 
     return unet_sd(cross_attention_dim=DIM, seed=0)
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
-from concept_exclusion.plan import projection_of
+from concept_exclusion.model.plan import projection_of
 from concept_exclusion.safeio import write_safetensors, write_text
 
 from conftest import make_preset
@@ -74,7 +74,7 @@ def lora_setup(sd):
 
 
 def _train_args(tmp_path: Path) -> argparse.Namespace:
-    from concept_exclusion.integrations.train import add_arguments
+    from concept_exclusion.integrations.train.config import add_arguments
 
     preset = tmp_path / "p.toml"
     preset.write_text(make_preset().toml_text)
@@ -84,8 +84,8 @@ def _train_args(tmp_path: Path) -> argparse.Namespace:
 
 
 def _writers(lora_setup, tmp_path: Path):
+    from concept_exclusion.integrations.train.checkpoint import save_checkpoint
     from concept_exclusion.integrations.diffusers import save_lora
-    from concept_exclusion.integrations.train import save_checkpoint
 
     unet, sub, opt, exclusion = lora_setup
     args = _train_args(tmp_path)
@@ -183,11 +183,11 @@ WRITE_METHODS = {"write_text", "write_bytes", "save_file", "save", "save_pretrai
 ALLOWED = {
     ("plugin/safeio.py", "atomic_path"): "implements the temporary-and-rename itself (fsync of the temporary)",
     ("plugin/safeio.py", "write_safetensors"): "writes to the atomic_path temporary",
-    ("plugin/tiny.py", "write_clip_tokenizer"): "test/demo fixture files, regenerated on every run",
-    ("plugin/tiny.py", "clip_tokenizer"): "test/demo fixture files, regenerated on every run",
-    ("plugin/tiny_mmdit.py", "t5_tokenizer"): "test fixture files, regenerated on every run",
-    ("integrations/train.py", "_setup_log"): "train.log is an append-only log stream, not an artifact",
-    ("integrations/kohya.py", "save_weights"): "the base network writes to a mkstemp temporary, renamed with "
+    ("plugin/testing/tiny.py", "write_clip_tokenizer"): "test/demo fixture files, regenerated on every run",
+    ("plugin/testing/tiny.py", "clip_tokenizer"): "test/demo fixture files, regenerated on every run",
+    ("plugin/testing/tiny_mmdit.py", "t5_tokenizer"): "test fixture files, regenerated on every run",
+    ("integrations/train/run.py", "_setup_log"): "train.log is an append-only log stream, not an artifact",
+    ("integrations/kohya/network.py", "save_weights"): "the base network writes to a mkstemp temporary, renamed with "
                                                "os.replace after fsync (checked in test_kohya_save_is_atomic)",
 }
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptSubspace
-from concept_exclusion.audit import audit_file
-from concept_exclusion.lora_file import effective_delta, layer_key, read_lora, sgm_to_diffusers
-from concept_exclusion.cli import main as cli_main
+from concept_exclusion.audit.weights import audit_file
+from concept_exclusion.commands.main import main as cli_main
+from concept_exclusion.lora.file import effective_delta, layer_key, read_lora, sgm_to_diffusers
 from concept_exclusion.metadata import PREFIX, read_basis, subspace_metadata
 from concept_exclusion.safeio import write_safetensors
 
@@ -266,7 +266,7 @@ def test_sdxl_names_round_trip_in_both_separators(sdxl):
     """Every attention path of an SDXL-shaped UNet maps to its Stability name and back, as module path and as
     kohya key; the names kohya_state_dict writes are the ones the audit maps back to diffusers' layers."""
     from concept_exclusion.integrations.diffusers import kohya_state_dict
-    from concept_exclusion.sdxl_names import diffusers_to_sai, sai_to_diffusers
+    from concept_exclusion.lora.sdxl_names import diffusers_to_sai, sai_to_diffusers
     from peft import LoraConfig
 
     unet = sdxl.unet()

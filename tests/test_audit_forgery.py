@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptSubspace
-from concept_exclusion.cli import main as cli_main
+from concept_exclusion.commands.main import main as cli_main
 from concept_exclusion.metadata import PREFIX, encode_basis, subspace_metadata
 from concept_exclusion.safeio import write_safetensors
 
@@ -38,7 +38,7 @@ def env(sd, tmp_path_factory):
     (root / "dog.toml").write_text(DOG)
     logo = {skip: ConceptSubspace.from_text_encoder(make_preset(max_rank=8), sd.tokenizer, sd.text_encoder,
                                                     clip_skip=skip) for skip in (1, 2)}
-    from concept_exclusion.preset import parse_preset
+    from concept_exclusion.concept.preset import parse_preset
 
     dog = ConceptSubspace.from_text_encoder(parse_preset(DOG), sd.tokenizer, sd.text_encoder)
     return {"root": root, "logo": logo, "dog": dog, "base": sd.root}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptSubspace
-from concept_exclusion.cli import main as cli_main
+from concept_exclusion.commands.main import main as cli_main
 from concept_exclusion.safeio import write_safetensors
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,7 +30,7 @@ FLUX_READERS = {"context": ("context_embedder", "lora_unet_txt_in", "txt_in"),
 def model(request, tmp_path_factory):
     from diffusers import DiffusionPipeline
 
-    from concept_exclusion.tiny_mmdit import flux_pipeline, sd3_pipeline
+    from concept_exclusion.testing.tiny_mmdit import flux_pipeline, sd3_pipeline
 
     root = tmp_path_factory.mktemp(request.param)
     build = flux_pipeline if request.param == "flux" else sd3_pipeline

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from concept_exclusion import ConceptExclusionError, ConceptSubspace
-from concept_exclusion.cli import main
+from concept_exclusion.commands.main import main
 from concept_exclusion.safeio import MAX_HEADER_BYTES, read_header
 
 from conftest import make_preset, write_captioned_images

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptSubspace, SubspaceError
-from concept_exclusion.codec import from_json, read_file, record_of, to_header, to_json, write_file
+from concept_exclusion.concept.codec import from_json, read_file, record_of, to_header, to_json, write_file
 from concept_exclusion.metadata import PREFIX, read_basis
 
 from conftest import make_preset

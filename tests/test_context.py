@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, TargetError, parse_preset
 from concept_exclusion.metadata import PREFIX
-from concept_exclusion.plan import projection_of
+from concept_exclusion.model.plan import projection_of
 
 from conftest import make_preset
 from test_core_invariant import _context, _lycoris

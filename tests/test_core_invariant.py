@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, SubspaceError, TargetError
+from concept_exclusion.model.plan import projection_of
+from concept_exclusion.model.roles import head_basis
 from concept_exclusion.options import AttachOptions
-from concept_exclusion.plan import projection_of
-from concept_exclusion.roles import head_basis
 
 from conftest import make_preset
 

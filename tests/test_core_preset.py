@@ -136,7 +136,7 @@ def _with_prompts(n: int, templates: int = 1, preserve: int = 0) -> str:
 
 def test_size_is_capped_with_a_clear_error(tmp_path):
     """prompts x templates (concepts and preserve together) at most MAX_TEXTS; the file at most MAX_PRESET_BYTES."""
-    from concept_exclusion.preset import MAX_PRESET_BYTES, MAX_TEXTS
+    from concept_exclusion.concept.preset import MAX_PRESET_BYTES, MAX_TEXTS
 
     assert len(parse_preset(_with_prompts(MAX_TEXTS)).concepts[0].prompts) == MAX_TEXTS
     with pytest.raises(PresetError, match=rf"{MAX_TEXTS + 2} prompt x template combinations"):

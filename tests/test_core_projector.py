@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from concept_exclusion.projector import WeightProjector, Constraint, _grad_hook, project
-from concept_exclusion.targets import Target
+from concept_exclusion.hooks.gradient import WeightProjector, Constraint, _grad_hook, project
+from concept_exclusion.model.targets import Target
 
 
 def _basis(d: int, r: int, seed: int = 0) -> torch.Tensor:

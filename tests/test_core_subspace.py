@@ -6,8 +6,8 @@ import torch
 import pytest
 
 from concept_exclusion import ConceptSubspace, SafetensorsFileError, SubspaceError, parse_preset
-from concept_exclusion.embeddings import TextEncoders, concept_rows
-from concept_exclusion.subspace import orthonormal_basis
+from concept_exclusion.concept.embeddings import TextEncoders, concept_rows
+from concept_exclusion.concept.subspace import orthonormal_basis
 
 from conftest import make_preset
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptSubspace
-from concept_exclusion.embeddings import TextEncoders
+from concept_exclusion.concept.embeddings import TextEncoders
 from concept_exclusion.errors import ConceptExclusionError, TargetError
 from concept_exclusion.safeio import read_header, read_safetensors
 from conftest import WORDS, make_preset
@@ -29,7 +29,7 @@ def _quiet() -> None:
 
 def build_pipeline(root: Path, kind: str) -> Path:
     """A tiny SD1-shaped ('sd') or SDXL-shaped ('sdxl') pipeline saved with save_pretrained; returns its folder."""
-    from concept_exclusion.tiny import sd_pipeline, sdxl_pipeline
+    from concept_exclusion.testing.tiny import sd_pipeline, sdxl_pipeline
 
     _quiet()
     root = Path(root)

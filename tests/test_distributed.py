@@ -18,8 +18,8 @@ from torch import nn
 
 import ddp_worker
 from concept_exclusion import ConceptExclusion, TargetError
-from concept_exclusion.dtensor import is_sharded, local_tensor
-from concept_exclusion.plan import check_sharded, plan_exclusion, projection_of
+from concept_exclusion.hooks.dtensor import is_sharded, local_tensor
+from concept_exclusion.model.plan import check_sharded, plan_exclusion, projection_of
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -119,7 +119,7 @@ def test_output_side_targets_are_refused_when_sharded(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from concept_exclusion.targets import Target
+    from concept_exclusion.model.targets import Target
 
     mesh = init_device_mesh("cpu", (1,))
     w = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
@@ -175,9 +175,9 @@ def test_sharded_projection_in_process(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from concept_exclusion.distributed import ShardedGradientProjector, ShardedWeightProjector
-    from concept_exclusion.projector import Constraint, constraint_value
-    from concept_exclusion.targets import Target
+    from concept_exclusion.hooks.gradient import Constraint, constraint_value
+    from concept_exclusion.hooks.sharded import ShardedGradientProjector, ShardedWeightProjector
+    from concept_exclusion.model.targets import Target
 
     mesh = init_device_mesh("cpu", (1,))
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from concept_exclusion import ConceptSubspace, SubspaceError
-from concept_exclusion.embeddings import concept_rows
-from concept_exclusion.encoders import FAMILIES, TextEncoders, family_of
+from concept_exclusion.concept.embeddings import concept_rows
+from concept_exclusion.concept.encoders import FAMILIES, TextEncoders, family_of
 
 from conftest import WORDS, make_preset
 
@@ -92,8 +92,8 @@ def test_real_minilm_if_installed():
 
 
 def test_family_guess():
-    from concept_exclusion.tiny import clip_text_encoder
-    from concept_exclusion.tiny_mmdit import t5_encoder
+    from concept_exclusion.testing.tiny import clip_text_encoder
+    from concept_exclusion.testing.tiny_mmdit import t5_encoder
 
     clip, t5 = clip_text_encoder(40, 16), t5_encoder(40, 16)
     assert family_of([clip]) == "single" and family_of([clip, clip]) == "sdxl"
@@ -105,7 +105,7 @@ def test_family_guess():
 
 @pytest.fixture(scope="module")
 def mmdit(tmp_path_factory):
-    from concept_exclusion.tiny_mmdit import flux_pipeline, sd3_pipeline
+    from concept_exclusion.testing.tiny_mmdit import flux_pipeline, sd3_pipeline
 
     root = tmp_path_factory.mktemp("mmdit")
     flux, sd3 = flux_pipeline(WORDS, root / "flux"), sd3_pipeline(WORDS, root / "sd3")

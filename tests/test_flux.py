@@ -19,8 +19,8 @@ from concept_exclusion import ConceptExclusion, ConceptSubspace
 from concept_exclusion.errors import ConceptExclusionError, SubspaceError, TargetError
 from concept_exclusion.integrations.diffusers import encode_prompts, save_lora, subspace_from_pipeline
 from concept_exclusion.metadata import PREFIX
-from concept_exclusion.plan import context_readers, projection_of
-from concept_exclusion.tiny_mmdit import flux_pipeline
+from concept_exclusion.model.plan import context_readers, projection_of
+from concept_exclusion.testing.tiny_mmdit import flux_pipeline
 
 PROMPTS = ["a photo of the zorblax logo", "a red shirt with the zorblax logo sign"]
 
@@ -165,7 +165,7 @@ def test_default_lora_without_reader_layers_is_protected_by_context_projection_a
 def test_find_targets_is_what_attach_constrains(flux, layers):
     """The public finder and attach share one plan: on a Flux LoRA without reader layers both find nothing to
     constrain (context projection carries the guarantee) instead of the finder refusing what attach accepts."""
-    from concept_exclusion.plan import find_targets
+    from concept_exclusion.model.plan import find_targets
 
     model = add_lora(copy.deepcopy(flux.pipe.transformer), FLUX_LORA + (READERS if layers == "readers" else []))
     found = find_targets(model, flux.sub)

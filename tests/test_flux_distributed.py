@@ -35,7 +35,7 @@ def test_two_process_ddp_flux_equals_one_process(tmp_path):
         assert torch.allclose(weights[0][name], w, atol=2e-6, rtol=1e-4), name
     from mmdit_common import FLUX_LORA, READERS, add_lora
 
-    from concept_exclusion.tiny_mmdit import flux_transformer
+    from concept_exclusion.testing.tiny_mmdit import flux_transformer
 
     model = flux_transformer(joint_attention_dim=ddp_flux_worker.T5, pooled_projection_dim=ddp_flux_worker.POOLED)
     start = add_lora(model, FLUX_LORA + READERS)

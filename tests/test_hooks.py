@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, TargetError
-from concept_exclusion.hooks import Hook, Hooks, OptimizerPostStep
+from concept_exclusion.hooks.base import Hook, Hooks, OptimizerPostStep
 from concept_exclusion.metadata import PREFIX
+from concept_exclusion.model.plan import context_readers, projection_of
 from concept_exclusion.options import AttachOptions
-from concept_exclusion.plan import context_readers, projection_of
 
 from conftest import make_preset
 from test_core_invariant import _context, _peft_unet, train_with_text_encoder

@@ -43,7 +43,7 @@ def test_frozen_layers_are_warned_recorded_and_audited(sd, caplog, tmp_path, cap
     path = save_lora(unet, tmp_path / "lora.safetensors", exclusion, format="kohya")
     preset = tmp_path / "p.toml"
     preset.write_text(make_preset(targets='["attention"]').toml_text)
-    from concept_exclusion.cli import main
+    from concept_exclusion.commands.main import main
 
     capsys.readouterr()
     rc = main(["audit", str(path), "--preset", str(preset), "--base", str(sd.root), "--clip-skip", "1"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from concept_exclusion.cli import main as cli_main
+from concept_exclusion.commands.main import main as cli_main
 from concept_exclusion.errors import ConceptExclusionError, TargetError
 from concept_exclusion.metadata import PREFIX, read_basis
 from concept_exclusion.safeio import read_header, read_safetensors

@@ -15,8 +15,8 @@ from kohya_flux_standin import StandInFlux, encode_captions, flux_strategies, ru
 from mmdit_common import move_along, relative_changes
 from concept_exclusion.errors import TargetError
 from concept_exclusion.metadata import PREFIX
-from concept_exclusion.tiny import clip_text_encoder, clip_tokenizer
-from concept_exclusion.tiny_mmdit import t5_encoder, t5_tokenizer
+from concept_exclusion.testing.tiny import clip_text_encoder, clip_tokenizer
+from concept_exclusion.testing.tiny_mmdit import t5_encoder, t5_tokenizer
 
 OURS = "concept_exclusion.integrations.kohya"
 STANDIN = "kohya_flux_standin"
@@ -106,8 +106,8 @@ def test_text_encoder_lora_is_refused_in_one_line_naming_the_layer(parts, preset
 
 
 def test_sd3_strategy_order_and_sd_scripts_reader_names():
-    from concept_exclusion.integrations.kohya_mmdit import mmdit_strategy
-    from concept_exclusion.roles import role_of
+    from concept_exclusion.integrations.kohya.mmdit import mmdit_strategy
+    from concept_exclusion.model.roles import role_of
 
     sd3 = SimpleNamespace(clip_l="L", clip_g="G", t5xxl="T", t5xxl_max_length=256)
     got = mmdit_strategy(sd3)

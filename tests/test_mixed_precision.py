@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
-from concept_exclusion.plan import projection_of
-from concept_exclusion.preset import Projection
-from concept_exclusion.projector import WeightProjector, Constraint, project
-from concept_exclusion.targets import Target
+from concept_exclusion.concept.preset import Projection
+from concept_exclusion.hooks.gradient import WeightProjector, Constraint, project
+from concept_exclusion.model.plan import projection_of
+from concept_exclusion.model.targets import Target
 
 from conftest import make_preset
 

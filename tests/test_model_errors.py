@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, SubspaceError, TargetError, parse_preset
-from concept_exclusion.cli import main
-from concept_exclusion.plan import projection_of
-from concept_exclusion.preset import Projection
+from concept_exclusion.commands.main import main
+from concept_exclusion.concept.preset import Projection
+from concept_exclusion.model.plan import projection_of
 
 from conftest import make_preset, write_captioned_images
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from concept_exclusion.concept.model_folder import load_text_encoders
 from concept_exclusion.errors import ModelFolderError
-from concept_exclusion.model_folder import load_text_encoders
-from concept_exclusion.tiny import sd_pipeline, sdxl_pipeline
+from concept_exclusion.testing.tiny import sd_pipeline, sdxl_pipeline
 
 from conftest import WORDS
 
@@ -43,7 +43,7 @@ def test_pickled_weights_are_never_loaded(folders, tmp_path):
 
     import torch
 
-    from concept_exclusion.audit_base import load_base
+    from concept_exclusion.audit.base import load_base
     from concept_exclusion.errors import AuditError
 
     pickled = tmp_path / "pickled"
@@ -65,13 +65,13 @@ def test_audit_base_accepts_a_single_file_checkpoint(folders, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from concept_exclusion.audit_base import load_base
+    from concept_exclusion.audit.base import load_base
     from concept_exclusion.errors import AuditError
     from test_train import ldm_unet_keys, ldm_vae_keys
 
     pipe = StableDiffusionPipeline.from_pretrained(folders / "sd")
     checkpoint = {**ldm_unet_keys(pipe.unet.state_dict(), 1, 2), **ldm_vae_keys(pipe.vae.state_dict(), 3, 1),
-                  **{"cond_stage_model.transformer.text_model." + k: v
+                  **{"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
                      for k, v in pipe.text_encoder.state_dict().items()}}
     single = tmp_path / "tiny-sd.safetensors"
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, single)

@@ -16,9 +16,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
-from concept_exclusion.preset import Projection
-from concept_exclusion.projector import GradientProjector, WeightProjector, Constraint, project_grad
-from concept_exclusion.targets import Target
+from concept_exclusion.concept.preset import Projection
+from concept_exclusion.hooks.gradient import GradientProjector, WeightProjector, Constraint, project_grad
+from concept_exclusion.model.targets import Target
 
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "item", "equal", "allclose",
               # outputs whose shape depends on values: a device-to-host sync on CUDA

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from concept_exclusion.cli import main as cli_main
+from concept_exclusion.commands.main import main as cli_main
 from concept_exclusion.metadata import PREFIX
 from concept_exclusion.safeio import write_safetensors
 
@@ -134,7 +134,7 @@ def test_hostile_presets_fail_in_one_line(lora, tmp_path, capsys, text, needle):
 
 
 def test_an_internal_error_has_its_own_exit_code(lora, capsys, monkeypatch):
-    from concept_exclusion import audit_cmd
+    from concept_exclusion.commands import audit as audit_cmd
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")

@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
-from concept_exclusion import projector
+from concept_exclusion.concept.preset import Projection
+from concept_exclusion.hooks import gradient as projector
+from concept_exclusion.hooks.gradient import WeightProjector, Constraint, project, project_grad
+from concept_exclusion.model.targets import Target
 from concept_exclusion.options import AttachOptions
-from concept_exclusion.preset import Projection
-from concept_exclusion.projector import WeightProjector, Constraint, project, project_grad
-from concept_exclusion.targets import Target
 
 
 def _basis(d: int, k: int, seed: int = 0) -> torch.Tensor:

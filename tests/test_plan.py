@@ -10,8 +10,8 @@ from peft import LoraConfig
 
 from conftest import make_preset
 from concept_exclusion import ConceptExclusion, ConceptSubspace, TargetError
+from concept_exclusion.model.plan import find_targets, plan_exclusion, projection_of
 from concept_exclusion.options import AttachOptions
-from concept_exclusion.plan import find_targets, plan_exclusion, projection_of
 from test_core_invariant import _context, _lycoris, train_with_text_encoder
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from concept_exclusion.cli import main
+from concept_exclusion.commands.main import main
 from concept_exclusion.metadata import PREFIX, read_basis
 from concept_exclusion.safeio import read_safetensors
 
@@ -53,7 +53,7 @@ def _checkpoints(output: Path) -> list[Path]:
 
 def _kill_after_first_checkpoint(argv: list[str], output: Path) -> tuple[int, list[Path]]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    child = subprocess.Popen([sys.executable, "-m", "concept_exclusion.cli", *argv, "--output", str(output)],
+    child = subprocess.Popen([sys.executable, "-m", "concept_exclusion", *argv, "--output", str(output)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240

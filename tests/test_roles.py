@@ -9,10 +9,10 @@ import torch
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, TargetError
 from concept_exclusion.options import AttachOptions
-from concept_exclusion.roles import (ROLES, Role, add_role, attention_path, basis_for, reads_text, role_of,
-                                     roles_in, target_sets)
-from concept_exclusion.plan import context_readers, find_targets
-from concept_exclusion.preset import Projection
+from concept_exclusion.model.roles import (ROLES, Role, add_role, attention_path, basis_for, reads_text, role_of,
+                                           roles_in, target_sets)
+from concept_exclusion.concept.preset import Projection
+from concept_exclusion.model.plan import context_readers, find_targets
 
 from conftest import make_preset
 from test_core_invariant import _peft_unet, train_with_text_encoder

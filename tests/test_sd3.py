@@ -15,8 +15,8 @@ from conftest import WORDS, make_preset
 from mmdit_common import READERS, add_lora, effective_delta, grads, loss_of, move_along, relative_changes, sd3_inputs
 from concept_exclusion import ConceptExclusion
 from concept_exclusion.integrations.diffusers import encode_prompts, save_lora, subspace_from_pipeline
-from concept_exclusion.plan import context_readers, projection_of
-from concept_exclusion.tiny_mmdit import sd3_pipeline, sd3_transformer
+from concept_exclusion.model.plan import context_readers, projection_of
+from concept_exclusion.testing.tiny_mmdit import sd3_pipeline, sd3_transformer
 
 PROMPTS = ["a photo of the zorblax logo", "a red shirt with the zorblax logo sign"]
 SD3_LORA = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0",

@@ -15,7 +15,7 @@ UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib
 UNSAFE_BUILTINS = {"eval", "exec", "compile", "__import__"}
 # Dynamic imports whose name is not data: (file, function) -> why it is allowed.
 ALLOWED_DYNAMIC_IMPORTS = {
-    ("integrations/kohya.py", "import_base_network"):
+    ("integrations/kohya/network.py", "import_base_network"):
         "the module name comes from sd-scripts' own --network_args on the trainer's command line, the same "
         "trust as sd-scripts' --network_module, which sd-scripts itself imports with importlib",
 }

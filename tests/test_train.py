@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from concept_exclusion.cli import main
+from concept_exclusion.commands.main import main
 from concept_exclusion.safeio import read_header, read_safetensors
 from conftest import make_preset, WORDS, write_captioned_images
 
@@ -23,7 +23,7 @@ CAPTIONS = ["a photo of the zorblax logo on a red shirt", "a cat on blue backgro
 def world(tmp_path_factory):
     """The tiny SD and SDXL pipelines, a data folder (8 images of odd sizes with captions) and a preset file."""
 
-    from concept_exclusion.tiny import sd_pipeline, sdxl_pipeline
+    from concept_exclusion.testing.tiny import sd_pipeline, sdxl_pipeline
 
     root = tmp_path_factory.mktemp("train")
     data = write_captioned_images(root / "data", [c + "\n" for c in CAPTIONS], size=lambda i: (40 + 4 * i, 36),
@@ -275,7 +275,7 @@ def test_two_processes_with_torchrun_gloo(world, tmp_path):
     argv = _argv(world, out, "sd", "--max_steps", "4", "--sample_steps", "1", "--checkpoint_every", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "concept_exclusion.cli", *argv]
+           "-m", "concept_exclusion", *argv]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("LoRA: ") == 1  # printed by the main process only
@@ -306,7 +306,7 @@ def test_bad_input_exits_2_with_a_message(world, tmp_path, capsys):
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():
-    from concept_exclusion.integrations.train import batch_indices
+    from concept_exclusion.integrations.train.data import batch_indices
 
     n, b = 8, 3  # 2 micro-batches per epoch; 2 images per epoch are skipped
     first = [batch_indices(m, n, b, seed=1) for m in range(6)]

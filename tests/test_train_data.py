@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from concept_exclusion.integrations.train.data import load_image, scan_dataset
 from concept_exclusion.errors import ConceptExclusionError
-from concept_exclusion.integrations.train_data import load_image, scan_dataset
 
 from conftest import write_captioned_images
 

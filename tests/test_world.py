@@ -186,7 +186,7 @@ def test_demo_end_to_end_on_a_few_steps(tmp_path):
     prompts = tmp_path / "attack.txt"
     prompts.write_text("a red circle with the bamboo bear logo\n\nthe panda logo\n", encoding="utf-8")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "concept_exclusion.cli", "demo", "--steps", "3", "--samples", "4",
+    proc = subprocess.run([sys.executable, "-m", "concept_exclusion", "demo", "--steps", "3", "--samples", "4",
                            "--out", str(out), "--json", str(tmp_path / "d.json"), "--attack-prompts", str(prompts)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -207,7 +207,7 @@ def test_demo_end_to_end_on_a_few_steps(tmp_path):
 def test_demo_refuses_an_unreadable_prompt_file(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00bad")
-    proc = subprocess.run([sys.executable, "-m", "concept_exclusion.cli", "demo", "--attack-prompts", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "concept_exclusion", "demo", "--attack-prompts", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--attack-prompts" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,121 @@
+"""The ``audit`` and ``inspect`` commands: arguments, running, printing, exit codes.
+
+Exit codes (also in the README and docs/kohya.md): 0 PASS, 1 FLAGGED, 2 unusable input (one line on
+stderr), 3 UNVERIFIED, 4 internal error, 5 PASS-APPROXIMATE, 141 output pipe closed early. Invariant:
+``inspect`` and ``audit`` read files through the same validating reader (``safeio.read_header``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from concept_exclusion.audit.format import format_inspect, format_report
+from concept_exclusion.audit.weights import DEFAULT_THRESHOLD, audit_file
+from concept_exclusion.lora.file import layout_of
+from concept_exclusion.metadata import PREFIX
+from concept_exclusion.safeio import read_header
+
+EXIT_HELP = ("exit codes: 0 PASS, 1 FLAGGED, 2 unusable input, 3 UNVERIFIED (no --base, or something on a "
+             "text-reading layer not measured), 4 internal error, 5 PASS-APPROXIMATE (text encoder trained)")
+
+
+def _threshold(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
+def _clip_skip(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 3:
+        raise argparse.ArgumentTypeError(f"must be a small positive integer, got {text!r}")
+    return int(text)
+
+
+def register_audit(subparsers) -> None:
+    p = subparsers.add_parser(
+        "audit", help="check a LoRA file for changes that act on a concept",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Report per layer the share of a LoRA's change that acts on the concept subspace "
+                    "(||dW U||/||dW||), the subspace re-encoded from the trusted --preset with the trusted --base "
+                    "model. The file's own basis, preset, clip_skip and targets are claims, never inputs.",
+        epilog=EXIT_HELP)
+    p.add_argument("lora", help="LoRA .safetensors (kohya, diffusers, PEFT, LyCORIS; SD1/2, SDXL; Flux/SD3 listed)")
+    p.add_argument("--preset", help="the trusted concept preset (.toml or shipped name)")
+    p.add_argument("--base", help="the trusted base model: a local diffusers folder or a .safetensors checkpoint")
+    p.add_argument("--base-config", help="for a single-file --base: a diffusers folder with the component configs")
+    p.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
+                   help=f"largest allowed share per layer (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--targets", choices=("kv", "attention"),
+                   help="which layers must pass: kv (keys, values, pooled) or attention (also queries/outputs); "
+                        "default: the trusted preset's [projection] targets, else kv")
+    p.add_argument("--clip-skip", type=_clip_skip,
+                   help="the clip_skip the LoRA was trained with (default: SD1/2 checks 1 and 2, SDXL reads the "
+                        "penultimate layer)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_audit)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    report = audit_file(args.lora, preset_path=args.preset, base=args.base, base_config=args.base_config,
+                        threshold=args.threshold, targets=args.targets, clip_skip=args.clip_skip)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return report.exit_code
+
+
+def register_inspect(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="print a safetensors file's metadata readably",
+                              description="Print the concept-exclusion provenance and the host trainer's "
+                                          "metadata of a safetensors file (reads the header only).")
+    p.add_argument("file", help=".safetensors file")
+    p.add_argument("--json", action="store_true", help="print as JSON (basis blobs summarised)")
+    p.set_defaults(func=run_inspect)
+
+
+def _maybe_json(value: str) -> Any:
+    """A JSON-valued claim parsed when it parses (bounded), else the string itself."""
+    if len(value) > 100_000:
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        return value
+
+
+def inspect_file(path: str | Path) -> dict[str, Any]:
+    header, meta = read_header(path)
+    ours: dict[str, Any] = {}
+    for key, value in sorted(meta.items()):
+        if not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX):]
+        if name.startswith("basis_shape."):
+            continue
+        if name.startswith("basis."):
+            shape = meta.get(PREFIX + "basis_shape." + name[len("basis."):], "?")
+            ours[name] = f"{shape} float16, {len(value)} base64 chars"
+        elif name in ("ranks", "energy_kept", "targets", "leakage"):
+            ours[name] = _maybe_json(value)
+        else:
+            ours[name] = value
+    host = {k: v for k, v in sorted(meta.items()) if not k.startswith(PREFIX)}
+    return {"file": str(path), "tensors": len(header), "layout": layout_of(sorted(header)), "concept_exclusion": ours,
+            "host": host}
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info = inspect_file(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    shown = dict(info)
+    shown["concept_exclusion"] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in
+                                  info["concept_exclusion"].items()}
+    print(format_inspect(shown))
+    return 0
