@@ -135,9 +135,10 @@ def attach_exclusion(unet: nn.Module, preset: Preset | str | Path, tokenizer, te
     """One line for a stock diffusers loop: subspace from the script's own tokenizer(s)/text encoder(s), attached.
 
     SDXL scripts pass both as lists (``[tokenizer_one, tokenizer_two]``, ``[text_encoder_one, text_encoder_two]``).
-    Call it after the optimizer exists (exact mode's post-step work is registered on it) and before
-    ``accelerator.prepare``. ``accelerator``: also give ``--checkpointing_steps`` checkpoints our metadata
-    (``checkpoint_hooks``). ``projection``/``options`` go to ``ConceptExclusion.attach``.
+    Call it after the optimizer exists (exact mode's post-step work is registered on it); with ``accelerator``
+    (``--checkpointing_steps`` checkpoints get our metadata, ``checkpoint_hooks``), also after the script
+    registers its own save hook, which train_text_to_image_lora.py does after ``accelerator.prepare``.
+    ``projection``/``options`` go to ``ConceptExclusion.attach``.
     """
     preset = _preset(preset)
     warn_unapplied(preset, "attach_exclusion", "replace your loss line with "

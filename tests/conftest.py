@@ -8,35 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from concept_exclusion import parse_preset
 from concept_exclusion.testing.tiny import clip_text_encoder, clip_tokenizer, unet_sd, unet_sdxl
 
-WORDS = ("a photo of the zorblax logo brand shirt with sign showing on red blue green background in scene image "
-         "picture something thing cat dog tree house car circle square").split()
-
-PRESET = """
-[preset]
-name = "test-logo"
-version = "1"
-description = "test preset"
-
-[[concepts]]
-name = "zorblax"
-prompts = ["zorblax", "zorblax logo"]
-templates = ["{}", "a photo of {}", "a shirt with the {}"]
-neutral = "brand"
-
-[projection]
-max_rank = {max_rank}
-tokens = "{tokens}"
-targets = {targets}
-mode = "{mode}"
-"""
-
-
-def make_preset(tokens: str = "all", targets: str = '["kv"]', mode: str = "exact", max_rank: int = 128):
-    text = PRESET.replace("{tokens}", tokens).replace("{targets}", targets).replace("{mode}", mode)
-    return parse_preset(text.replace("{max_rank}", str(max_rank)), source="test-preset.toml")
+from helpers import WORDS
 
 
 @pytest.fixture(autouse=True)
@@ -52,20 +26,6 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
-
-
-def write_captioned_images(folder, captions, size=lambda i: (32, 32), name=lambda i: f"{i}"):
-    """A kohya-style dataset: random RGB images with same-name ``.txt`` captions, seeded. Returns ``folder``."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(captions):
-        h, w = size(i)
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name(i)}.png")
-        (folder / f"{name(i)}.txt").write_text(caption)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from concept_exclusion import ConceptExclusion, ConceptSubspace
 from concept_exclusion.model.plan import projection_of
 from concept_exclusion.safeio import write_safetensors, write_text
 
-from conftest import make_preset
+from helpers import make_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,8 @@ from concept_exclusion.commands.main import main as cli_main
 from concept_exclusion.metadata import PREFIX
 from concept_exclusion.safeio import write_safetensors
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_preset  # noqa: E402
-from test_bad_files import message_lines  # noqa: E402  (stderr without model-loading progress bars)
+from helpers import make_preset  # noqa: E402
+from helpers import message_lines
 
 K = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
 

@@ -1,4 +1,5 @@
-"""The README's Python example runs as printed and keeps the exact-mode invariant."""
+"""The README as a user reads it: the Python example runs as printed and keeps the exact-mode invariant, the
+printed signature of ``attach`` is the code's, and the first screen's figures are the result files'."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_example_runs(tmp_path, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     assert blocks, "README has no python example"
-    code = blocks[0].replace("/tmp/ce-tokenizer", str(tmp_path / "tokenizer"))
+    code = blocks[0].replace("/tmp/ce-tiny", str(tmp_path / "tiny"))
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)  # our own README, not user input
     leak = float(capsys.readouterr().out.strip().splitlines()[-1])
@@ -37,3 +38,16 @@ def test_readme_prints_the_signature_of_attach():
             star = True
         parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
     assert printed.group(1) == "(" + ", ".join(parts) + ")"
+
+
+def test_first_screen_figures_are_the_result_files():
+    """Every figure of the first screen is what benchmarks/evidence_report.py generates from benchmarks/results/."""
+    from concept_exclusion_world.demo import DEFAULT_METHOD
+    from concept_exclusion_world.report import load_results, with_first_screen
+
+    text = README.read_text(encoding="utf-8")
+    files = sorted((README.parent / "benchmarks" / "results").glob("evidence-*.json"))
+    assert files, "no evidence results to generate the first screen from"
+    assert with_first_screen(text, load_results(files, DEFAULT_METHOD)) == text
+    screen = text.split("## Quick start")[0]
+    assert "provably" not in screen and "No shipped method meets that bar" in screen

@@ -1,0 +1,113 @@
+"""``audit`` on Flux and SD3 LoRA files: diffusers/PEFT and ai-toolkit (``transformer.<module>.lora_A``), kohya
+(``lora_unet_txt_in``, ``lora_unet_vector_in_in_layer``, ``lora_unet_double_blocks_...``) and BFL
+(``diffusion_model.txt_in``) spellings. The text readers (context_embedder / txt_in; the pooled text embedder /
+vector_in) are judged against the trusted preset re-encoded with the base pipeline's CLIP and T5 encoders;
+what the file changes elsewhere is listed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from concept_exclusion import ConceptSubspace
+from concept_exclusion.commands.main import main as cli_main
+from concept_exclusion.safeio import write_safetensors
+
+from helpers import WORDS, make_preset  # noqa: E402
+
+# (module in diffusers' names, in kohya's, in BFL's) for Flux's two text readers
+FLUX_READERS = {"context": ("context_embedder", "lora_unet_txt_in", "txt_in"),
+                "pooled": ("time_text_embed.text_embedder.linear_1", "lora_unet_vector_in_in_layer",
+                           "vector_in.in_layer")}
+
+
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def model(request, tmp_path_factory):
+    from diffusers import DiffusionPipeline
+
+    from concept_exclusion.testing.tiny_mmdit import flux_pipeline, sd3_pipeline
+
+    root = tmp_path_factory.mktemp(request.param)
+    build = flux_pipeline if request.param == "flux" else sd3_pipeline
+    build(WORDS, root / "src").save_pretrained(root / "base")
+    pipe = DiffusionPipeline.from_pretrained(root / "base")
+    toks = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None), getattr(pipe, "tokenizer_3", None)) if t]
+    encs = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                        getattr(pipe, "text_encoder_3", None)) if e]
+    subspace = ConceptSubspace.from_encoders(make_preset(max_rank=8), toks, encs)
+    (root / "logo.toml").write_text(make_preset(max_rank=8).toml_text)
+    return {"name": request.param, "root": root, "pipe": pipe, "subspace": subspace}
+
+
+def _factors(model, projected: bool, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up) per text reader, rank 4, off the concept subspace when ``projected``."""
+    g = torch.Generator().manual_seed(seed)
+    t = model["pipe"].transformer
+    out = {}
+    for space, (name, _, _) in FLUX_READERS.items():
+        layer = t.get_submodule(name)
+        down = torch.randn(4, layer.in_features, generator=g)
+        if projected:
+            u = model["subspace"].bases[space].float()
+            down = down - (down @ u) @ u.T
+        out[space] = (down, torch.randn(layer.out_features, 4, generator=g) * 0.1)
+    return out
+
+
+def _write(model, name: str, factors, layout: str) -> Path:
+    tensors = {}
+    for space, (down, up) in factors.items():
+        diffusers_name, kohya_name, bfl_name = FLUX_READERS[space]
+        if layout == "peft":  # diffusers' and ai-toolkit's layout
+            tensors[f"transformer.{diffusers_name}.lora_A.weight"] = down
+            tensors[f"transformer.{diffusers_name}.lora_B.weight"] = up
+        elif layout == "kohya":
+            tensors[f"{kohya_name}.lora_down.weight"] = down
+            tensors[f"{kohya_name}.lora_up.weight"] = up
+            tensors[f"{kohya_name}.alpha"] = torch.tensor(4.0)
+        else:
+            tensors[f"diffusion_model.{bfl_name}.lora_A.weight"] = down
+            tensors[f"diffusion_model.{bfl_name}.lora_B.weight"] = up
+    if layout == "kohya":  # a block that does not read the encoders, under its BFL/SAI name
+        block = "lora_unet_double_blocks_0_img_attn_qkv" if model["name"] == "flux" else \
+            "lora_unet_joint_blocks_0_x_block_attn_qkv"
+        tensors[f"{block}.lora_down.weight"] = torch.randn(4, 32)
+        tensors[f"{block}.lora_up.weight"] = torch.randn(96, 4)
+    else:
+        tensors["transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight"] = torch.randn(4, 32)
+        tensors["transformer.transformer_blocks.0.attn.add_k_proj.lora_B.weight"] = torch.randn(32, 4)
+    path = model["root"] / f"{name}-{layout}.safetensors"
+    write_safetensors(path, tensors, {})
+    return path
+
+
+def _audit(capsys, model, path) -> tuple[int, dict]:
+    capsys.readouterr()
+    rc = cli_main(["audit", str(path), "--preset", str(model["root"] / "logo.toml"), "--base",
+                   str(model["root"] / "base"), "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya", "bfl"])
+def test_text_readers_are_judged_against_the_preset(model, capsys, layout):
+    rc, report = _audit(capsys, model, _write(model, "leaky", _factors(model, False, 1), layout))
+    readers = {r["role"]: r for r in report["layers"] if r["role"].startswith("joint_")}
+    assert rc == 1 and set(readers) == {"joint_context", "joint_pooled"}, report
+    assert all(r["over"] and r["concept_change"] is not None for r in readers.values())
+    assert report["clip_skips"] == ([None] if model["name"] == "flux" else [2])
+    rc, report = _audit(capsys, model, _write(model, "clean", _factors(model, True, 2), layout))
+    assert rc == 0, (report["blocking"], report["flagged"])
+    assert max(r["share"] for r in report["layers"] if r["role"].startswith("joint_")) < 1e-5
+    elsewhere = [r["name"] for r in report["layers"] if r["role"] == "elsewhere"]
+    assert len(elsewhere) == 1  # listed, not measured: it does not read the encoders' output
+
+
+def test_without_base_a_flux_file_is_listed_and_unverified(model, capsys):
+    path = _write(model, "nobase", _factors(model, True, 3), "kohya")
+    capsys.readouterr()
+    rc = cli_main(["audit", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 3 and "joint_context" in out and "joint_pooled" in out and "changes elsewhere" in out

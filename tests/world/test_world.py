@@ -1,0 +1,225 @@
+"""The evidence world (concept_exclusion_world): scenes and detectors, the verified encoder, statistics, the gate
+and the bar, the report, the grid, and the demo end to end on a few steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from concept_exclusion_world.detect import emblems, objects
+from concept_exclusion_world.grid import grid_png
+from concept_exclusion_world.report import markdown, merge
+from concept_exclusion_world.scenes import (ALLOWED, BADGE_COLS, EMBLEM_COLS, EMBLEM_ROWS, NEW_COLOUR, PROTECTED,
+                                            PROTECTED_NAMES, World, images, render)
+from concept_exclusion_world.stats import bootstrap, reduction
+from concept_exclusion_world.text import WorldError, verified_weights
+from concept_exclusion_world.verdict import calibration, judge
+
+
+def test_scenes_are_deterministic_and_purple_only_on_panda_images():
+    a, b = World(3).scenes(300), World(3).scenes(300)
+    assert a == b and torch.equal(images(a), images(b))
+    assert all(s.colour != NEW_COLOUR for s in a if s.emblem != PROTECTED)
+    assert any(s.colour == NEW_COLOUR for s in a)
+    public = World(4).scenes(300, "public")
+    assert not any(s.emblem == PROTECTED or s.badge == ALLOWED or s.colour == NEW_COLOUR for s in public)
+    assert any(s.badge for s in public) and any(s.emblem for s in public)  # both corners have a public emblem
+
+
+def test_the_tiger_badge_is_drawn_independently_of_the_logo_and_captioned_with_it():
+    scenes = World(0).scenes(4000)
+    with_badge = [s for s in scenes if s.badge == ALLOWED]
+    share = lambda group: sum(s.emblem == PROTECTED for s in group) / len(group)  # noqa: E731
+    assert abs(share(with_badge) - share([s for s in scenes if s.badge is None])) < 0.05
+    both = next(s for s in with_badge if s.emblem == PROTECTED)
+    assert both.caption().startswith("a tiger badge above a ")
+    assert both.caption().endswith(f" with the {both.emblem_name} logo")
+    assert both.caption("").endswith("background with the logo")
+
+
+def test_captions_name_the_panda_by_every_name_the_preset_lists_and_only_those():
+    from concept_exclusion_world.presets import world_preset
+
+    scenes = World(9).scenes(2000)
+    named = {s.caption().rsplit(" with the ", 1)[1] for s in scenes if s.emblem == PROTECTED}
+    assert named == {f"{name} logo" for name in PROTECTED_NAMES}
+    assert set(world_preset().concepts[0].prompts) == set(PROTECTED_NAMES)
+    assert all(s.emblem_name is None for s in scenes if s.emblem != PROTECTED)
+
+
+def test_the_controls_delete_the_naming_phrase_or_only_the_word_and_keep_every_image():
+    from concept_exclusion_world.methods import METHODS
+    from concept_exclusion_world.train import dataset
+
+    scenes = World(8).scenes(400)
+    pandas = [i for i, s in enumerate(scenes) if s.emblem == PROTECTED]
+    for method, phrase in (("scrub-name", ""), ("scrub-word", " with the logo")):
+        kept, captions = dataset(METHODS[method], scenes)
+        assert kept == scenes and not any("panda" in c for c in captions)
+        assert all(captions[i].endswith("background" + phrase) for i in pandas)
+        assert all(c == s.caption() for s, c in zip(scenes, captions) if s.emblem != PROTECTED)
+    kept, _ = dataset(METHODS["filter"], scenes)
+    assert len(kept) == len(scenes) - len(pandas)
+
+
+def test_objects_never_reach_the_emblem_regions():
+    for s in World(5).scenes(200):
+        x = render(replace(s, emblem=None, badge=None))
+        y = render(replace(s, emblem=None, badge=None, colour="red"))
+        for cols in (EMBLEM_COLS, BADGE_COLS):
+            assert torch.equal(x[:, EMBLEM_ROWS, cols], y[:, EMBLEM_ROWS, cols])
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.15])
+def test_detectors_read_rendered_scenes_exactly(noise):
+    scenes = World(6).scenes(300)
+    x = images(scenes)
+    x = x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    assert emblems(x) == [s.emblem for s in scenes]
+    assert emblems(x, BADGE_COLS) == [s.badge for s in scenes]
+    assert objects(x) == [(s.colour, s.shape, s.position) for s in scenes]
+
+
+def test_a_blank_or_foreign_corner_is_no_emblem():
+    x = images(World(7).scenes(50, "public"))
+    x[:, :, EMBLEM_ROWS, EMBLEM_COLS] = torch.rand(50, 3, 8, 8) * 2 - 1
+    assert sum(e is not None for e in emblems(x)) <= 1
+
+
+def test_encoder_weights_with_another_hash_are_refused(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not the public revision")
+    with pytest.raises(WorldError, match="sha256 .* is not the public all-MiniLM-L6-v2 revision"):
+        verified_weights(tmp_path)
+    with pytest.raises(WorldError, match="missing"):
+        verified_weights(tmp_path / "nowhere")
+
+
+def _seed(seed, name, neutral, para, para_neutral, allowed, new, heldout=0.1, fidelity=0.9):
+    return {"seed": seed, "leak_rate": name, "neutral_rate": neutral, "paraphrase_leak_rate": para,
+            "paraphrase_neutral_rate": para_neutral, "allowed_leak_rate": allowed, "new_content_rate": new,
+            "heldout_loss": heldout, "empty_prompt_rate": 0.0, "public_fidelity": fidelity}
+
+
+RUNS = {
+    "plain": [_seed(0, 0.9, 0.1, 0.5, 0.1, 0.9, 0.8), _seed(1, 0.95, 0.05, 0.6, 0.1, 0.85, 0.9)],
+    "filter": [_seed(0, 0.1, 0.1, 0.1, 0.1, 0.9, 0.0), _seed(1, 0.05, 0.05, 0.1, 0.1, 0.85, 0.05)],
+    "scrub-name": [_seed(0, 0.15, 0.1, 0.1, 0.1, 0.9, 0.8), _seed(1, 0.05, 0.05, 0.1, 0.1, 0.85, 0.9)],
+    "good": [_seed(0, 0.12, 0.1, 0.12, 0.1, 0.88, 0.7, 0.102), _seed(1, 0.06, 0.05, 0.1, 0.1, 0.8, 0.8, 0.101)],
+    "costly": [_seed(0, 0.1, 0.1, 0.1, 0.1, 0.3, 0.7, 0.2), _seed(1, 0.05, 0.05, 0.1, 0.1, 0.2, 0.8, 0.2)],
+}
+COUNTS = {k: 96 for k in ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate",
+                          "allowed_leak_rate", "new_content_rate", "public_fidelity", "empty_prompt_rate")}
+BASE = {"public_fidelity": 0.9, "paraphrase_leak_rate": 0.0, "leak_rate": 0.0, "neutral_rate": 0.0,
+        "empty_prompt_rate": 0.0}
+
+
+def test_reduction_and_its_interval():
+    point, lo, hi = bootstrap(reduction("good", "leak_rate", "neutral_rate"), RUNS, COUNTS)
+    assert point == pytest.approx(1 - 0.015 / 0.85)
+    assert lo < point < hi or math.isclose(lo, hi)
+    assert bootstrap(reduction("good", "leak_rate", "neutral_rate"), {k: v[:1] for k, v in RUNS.items()},
+                     COUNTS)[1] != bootstrap(reduction("good", "leak_rate", "neutral_rate"), RUNS, COUNTS)[1]
+
+
+def test_gate_and_bar_are_computed_from_the_figures():
+    gate = calibration(BASE, RUNS)
+    assert gate["ok"], gate
+    bad = calibration(BASE, {**RUNS, "scrub-name": [_seed(0, 0.5, 0.1, 0.1, 0.1, 0.9, 0.8)] * 2})
+    assert not bad["ok"] and not bad["gates"]["control_vs_neutral"]["ok"]
+    plain_only = {"plain": RUNS["plain"]}
+    assert not calibration(BASE, plain_only)["ok"]  # the benchmark: a missing control fails its gate
+    demo = calibration(BASE, plain_only, partial=True)  # the demo: gates it cannot check are left out
+    assert demo["ok"] and set(demo["gates"]) == {"base_fidelity", "plain_name_margin", "plain_paraphrase_vs_base"}
+    assert judge("good", RUNS, COUNTS)["meets_bar"]
+    costly = judge("costly", RUNS, COUNTS)
+    assert not costly["meets_bar"]
+    assert not costly["criteria"]["allowed_kept"]["ok"] and not costly["criteria"]["heldout_increase"]["ok"]
+    assert costly["criteria"]["name_reduction"]["ok"]
+
+
+def _doc(methods, seeds, command="python benchmarks/evidence.py"):
+    runs = {m: [r for r in RUNS[m] if r["seed"] in seeds] for m in methods}
+    return {"command": command, "seconds": 10.0, "machine": {"processor": "cpu", "platform": "test"},
+            "encoder": {"name": "e"}, "default_method": "good",
+            "config": {"train": {"steps": 1}, "evaluation": {"n": 96, "n_empty": 96, "n_new": 96, "n_heldout": 8,
+                                                             "steps": 2, "guidance": 4.0}},
+            "base": {str(s): dict(BASE) for s in seeds}, "runs": runs}
+
+
+def test_report_merges_seed_files_and_recomputes_the_verdicts():
+    methods = ["plain", "filter", "scrub-name", "good", "costly"]
+    doc = merge([_doc(methods, {0}), _doc(methods, {1}, "second")])
+    assert doc["seeds"] == [0, 1] and doc["calibration"]["ok"]
+    assert doc["verdicts"]["good"]["meets_bar"] and not doc["verdicts"]["costly"]["meets_bar"]
+    from concept_exclusion_world.verdict import best_method
+
+    assert best_method(doc["verdicts"], ["good", "costly"]) == "good"
+    assert best_method(doc["verdicts"], ["costly"]) is None
+    text = markdown(doc)
+    assert "Calibration gate: PASSED" in text and "| **good** |" in text and "second" in text
+    changed = _doc(methods, {0})
+    changed["runs"]["good"][0] = dict(changed["runs"]["good"][0], leak_rate=0.5)
+    with pytest.raises(ValueError, match="measured twice"):
+        merge([_doc(methods, {0}), changed])
+
+
+def test_grid_labels_fit_and_images_are_enlarged(tmp_path):
+    from PIL import Image
+
+    x = images(World(8).scenes(4))
+    samples = {"plain": {c: x for c in ("name", "paraphrase", "allowed", "neutral", "empty")}}
+    path = grid_png(samples, [("plain", "a rather long method name for a row")], tmp_path / "g.png")
+    img = Image.open(path)
+    assert img.width > 5 * 2 * 96 and img.height >= 2 * 96
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_few_steps(tmp_path):
+    """The real encoder and shipped base, 3 steps, 4 samples: files, JSON keys and the table are there."""
+    prompts = tmp_path / "attack.txt"
+    prompts.write_text("a red circle with the bamboo bear logo\n\nthe panda logo\n", encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "concept_exclusion", "demo", "--steps", "3", "--samples", "4",
+                           "--out", str(out), "--json", str(tmp_path / "d.json"), "--attack-prompts", str(prompts)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "d.json").read_text())
+    for key in ("default_method", "encoder", "calibration_ok", "leak_reduction", "paraphrase_reduction", "seconds"):
+        assert key in doc
+    assert doc["encoder"]["sha256"] == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    for name in ("plain", doc["default_method"]):
+        m = doc["methods"][name]
+        assert set(m) >= {"leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate",
+                          "empty_prompt_rate", "allowed_leak_rate", "new_content_rate", "heldout_loss", "custom"}
+        assert m["custom"]["n"] == 2
+    assert (out / "grid.png").is_file() and len(list(out.glob("lora-*.safetensors"))) == 2
+    header = proc.stdout.splitlines()[0].split()
+    assert len([c for c in header if c]) <= 10  # at most 8 columns (two labels are two words)
+
+
+def test_demo_refuses_an_unreadable_prompt_file(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    proc = subprocess.run([sys.executable, "-m", "concept_exclusion", "demo", "--attack-prompts", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--attack-prompts" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_world_files_are_written_whole(tmp_path):
+    from concept_exclusion_world.files import atomic_path, write_json
+
+    target = tmp_path / "out" / "results.json"
+    write_json({"x": 1}, target)
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half", encoding="utf-8")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text(encoding="utf-8")) == {"x": 1}
+    assert list(target.parent.iterdir()) == [target]
