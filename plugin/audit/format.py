@@ -96,7 +96,7 @@ def format_report(report: AuditReport) -> str:
 
 
 def _summary(report: AuditReport, verdict: str) -> str:
-    checked = sum(1 for r in report.layers if r.checked and r.share is not None)
+    checked = len(report.checked)
     blocking = len(report.blocking) + len(report.unknown_keys)
     if verdict == "FLAGGED":
         line = (f"FLAGGED: {len(report.flagged)} of {checked} checked layer(s) put more than {report.threshold:g} of "
@@ -108,10 +108,16 @@ def _summary(report: AuditReport, verdict: str) -> str:
                      f"--clip-skip {passing[0]}")
         return line
     if verdict == "UNVERIFIED":
-        why = "no trusted base model (--base) and preset (--preset)" if not report.verified else \
-            f"{blocking} layer(s) or tensor(s) not measured or not understood"
+        if not report.verified:
+            why = "no trusted base model (--base) and preset (--preset)"
+        elif blocking:
+            why = f"{blocking} layer(s) or tensor(s) not measured or not understood"
+        else:
+            why = ("0 layers checked: the file changes no layer that reads the text, so its weights cannot show "
+                   "whether it learned the concept")
         return f"UNVERIFIED: {why}; this is not a pass"
-    tail = f"{checked} checked layer(s), max share on the concept subspace {report.max_share:.3e} <= {report.threshold:g}"
+    tail = (f"{checked} checked layer(s), max share on the concept subspace {report.max_share:.3e} <= "
+            f"{report.threshold:g} (where the weights point, not whether the file draws the concept)")
     if verdict == "PASS-APPROXIMATE":
         return f"PASS-APPROXIMATE: {tail}; the file also trains {len(report.text_encoder_layers)} text-encoder " \
                f"layer(s), so the guarantee is approximate"

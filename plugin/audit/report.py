@@ -4,11 +4,13 @@ Verdicts, most severe first:
 - FLAGGED (1): a measured layer puts more than the threshold of its change on the trusted concept subspace.
 - UNVERIFIED (3): no trusted base model was given (the file's own basis, preset, clip_skip and targets
   are claims, never inputs), or something the file changes on a layer that reads text (or a layer or
-  tensor the audit cannot place) was not measured.
+  tensor the audit cannot place) was not measured, or the file changes no layer that reads the text (nothing
+  was checked: a weight check then says nothing, e.g. a Flux LoRA on the joint blocks only).
 - PASS-APPROXIMATE (5): every check passed, but the file also changes text-encoder layers, so the
   concept's own embeddings may move; the guarantee holds only for the embeddings the base encodes.
-- PASS (0): every tensor was placed, every text-reading layer measured against the trusted preset
-  re-encoded with the trusted base, each at or under the threshold.
+- PASS (0): every tensor was placed, at least one text-reading layer was measured, and every one measured
+  against the trusted preset re-encoded with the trusted base is at or under the threshold. This says where
+  the file's weights point, not whether the file draws the concept.
 Codes 2 (unusable input) and 4 (internal error) come from the command line, never from a report.
 
 Invariant: only ``verdict()`` decides; PASS needs ``verified`` (a trusted basis) and no blocking item.
@@ -71,13 +73,18 @@ class AuditReport:
         return [r for r in self.layers if r.role == "text-encoder"]
 
     @property
+    def checked(self) -> list[LayerReport]:
+        """Text-reading layers measured against the trusted basis (a PASS needs at least one)."""
+        return [r for r in self.layers if r.checked and r.share is not None]
+
+    @property
     def max_share(self) -> float:
         return max((r.share for r in self.layers if r.checked and r.share is not None), default=0.0)
 
     def verdict(self) -> str:
         if self.flagged:
             return FLAGGED
-        if not self.verified or self.blocking or self.unknown_keys:
+        if not self.verified or self.blocking or self.unknown_keys or not self.checked:
             return UNVERIFIED
         if self.text_encoder_layers:
             return PASS_APPROXIMATE

@@ -111,3 +111,17 @@ def test_without_base_a_flux_file_is_listed_and_unverified(model, capsys):
     rc = cli_main(["audit", str(path)])
     out = capsys.readouterr().out
     assert rc == 3 and "joint_context" in out and "joint_pooled" in out and "changes elsewhere" in out
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya", "bfl"])
+def test_a_file_on_the_joint_blocks_only_is_not_a_pass(model, capsys, layout):
+    """The diffusers dreambooth scripts' default layers: no text reader changes, so the weight check measures
+    nothing. That is UNVERIFIED (exit 3) and says so, never a PASS with 0 layers checked."""
+    rc, report = _audit(capsys, model, _write(model, "blocks-only", {}, layout))
+    assert rc == 3 and report["verdict"] == "UNVERIFIED" and not report["blocking"], report
+    assert [r["role"] for r in report["layers"]] == ["elsewhere"] and not any(r["checked"] for r in report["layers"])
+    capsys.readouterr()
+    rc = cli_main(["audit", str(_write(model, "blocks-only", {}, layout)), "--preset",
+                   str(model["root"] / "logo.toml"), "--base", str(model["root"] / "base")])
+    out = capsys.readouterr().out
+    assert rc == 3 and "UNVERIFIED: 0 layers checked" in out and "this is not a pass" in out
