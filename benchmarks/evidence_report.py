@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(readme, encoding="utf-8")
     verdicts = {m: v["meets_bar"] for m, v in doc["verdicts"].items()}
     print(f"wrote {args.out} and the first screen of {args.readme}: calibration {'passed' if doc['calibration']['ok'] else 'FAILED'}; "
-          f"meets the bar: {', '.join(m for m, ok in verdicts.items() if ok) or 'none'}; best: {doc['best_method']}")
+          f"meets the retired reduction bar: {', '.join(m for m, ok in verdicts.items() if ok) or 'none'}; best: {doc['best_method']}")
     return 0
 
 

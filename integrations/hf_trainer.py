@@ -25,10 +25,11 @@ from transformers.trainer_callback import ExportableState
 
 from concept_exclusion.concept.codec import from_json, record_of, to_json
 from concept_exclusion.concept.model_folder import load_text_encoders
-from concept_exclusion.concept.preset import TARGET_SETS, load_preset
+from concept_exclusion.concept.preset import load_preset
 from concept_exclusion.concept.subspace import ConceptSubspace
 from concept_exclusion.errors import ConceptExclusionError, ModelFolderError
 from concept_exclusion.exclusion import ConceptExclusion
+from concept_exclusion.model import roles
 from concept_exclusion.model.plan import projection_of
 from concept_exclusion.options import check_mode_strength
 from concept_exclusion.preservation import OutputPreservation, warn_unapplied
@@ -68,9 +69,9 @@ class ConceptExclusionArguments:
     def __post_init__(self) -> None:
         if self.concept_targets is not None:
             for name in self.target_sets():
-                if name not in TARGET_SETS:
+                if name not in roles.target_sets():
                     raise ConceptExclusionError(f"--concept_targets: unknown target set {name!r} "
-                                                f"(known: {', '.join(TARGET_SETS)})")
+                                                f"(known: {', '.join(roles.target_sets())})")
         check_mode_strength(self.concept_mode, self.concept_strength, mode_name="--concept_mode",
                             strength_name="--concept_strength")
 

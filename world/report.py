@@ -103,7 +103,7 @@ def markdown(doc: dict) -> str:
               "colour). Reductions are of the excess over the matched neutral prompts, against plain training in the "
               "same seeds.", "",
               "| method | seeds | name | neutral | paraphrase | para. neutral | name reduction | paraphrase reduction | "
-              "held-out loss vs plain | allowed kept | new colour | meets bar |",
+              "held-out loss vs plain | allowed kept | new colour | meets the retired reduction bar |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, per_seed in runs.items():
         row = [f"**{method}**" if method == doc["default_method"] else method, str(len(per_seed))]
@@ -144,12 +144,15 @@ def markdown(doc: dict) -> str:
                           else f"n/a (plain within {MIN_CONTROL_GAP * 100:.0f} points of the control)"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     best = doc["best_method"]
-    lines += ["", f"**Best method that meets the bar (computed): {best or 'none'}** (of the non-baseline methods: the "
+    lines += ["", f"**Best method under the retired reduction bar (computed): {best or 'none'}** (of the non-baseline methods: the "
               "largest lower 95% bound of the smaller of its two reductions, capped at 100%, then the smaller held-out "
               f"cost); in bold: the demo's and the shipped presets' default ({doc['default_method']}). "
               f"Baselines ({', '.join(m for m in runs if m in METHODS and METHODS[m].baseline and m != 'plain')}) "
               "need other data or masks and are not candidates."]
-    lines += ["", "The bar: " + "; ".join(f"{k} {'<=' if k == 'heldout_increase' else '>='} {v}" for k, v in BAR.items())
+    lines += ["", "This bar is retired: it reads the excess over neutral prompts, so a method that moves the concept "
+              "from the name onto every other word passes it. The bar now is no uplift against the reference, per "
+              "family (the README's first screen, generated from these files).", "",
+              "The retired bar: " + "; ".join(f"{k} {'<=' if k == 'heldout_increase' else '>='} {v}" for k, v in BAR.items())
               + ". New colour: rate on purple prompts; the bar asks it to exceed data filtering's by "
               f"{BAR['new_content_vs_filter']:.0%}.", "", "## Per seed: name-excess reduction", "",
               "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
@@ -206,6 +209,10 @@ def first_screen(doc: dict) -> str:
         name = dict(FAMILIES)[worst]
         lines.append(f"| {'**' + label + '** (default)' if method == doc['default_method'] else label} | "
                      f"{len(runs[method])} | {rates} | +{up[worst] * 100:.0f} points ({name}) | {verdict} |")
+    shipped = [m for m in runs if m in METHODS and not METHODS[m].baseline and m not in ("plain", "filter")]
+    passing = [m for m in shipped if max(uplift(doc, m).values()) <= NO_UPLIFT]
+    lines += ["", f"**Shipped methods with no uplift in every measured family: {', '.join(passing) or 'none'}** "
+                  f"(of {len(shipped)} measured; inversion attack not yet measured)."]
     return "\n".join(lines) + "\n"
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from concept_exclusion.concept.preset import TARGET_SETS
 from concept_exclusion.errors import ConceptExclusionError
+from concept_exclusion.model.roles import target_sets
 from concept_exclusion.options import check_mode_strength, parse_bool
 
 DEFAULT_BASE_NETWORK = "networks.lora"
@@ -70,9 +70,9 @@ def split_network_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str, dic
         raw = ours["concept_targets"]
         names = raw if isinstance(raw, (list, tuple)) else str(raw).replace(",", " ").split()
         for n in names:
-            if n not in TARGET_SETS:
+            if n not in target_sets():
                 raise KohyaArgsError(f"network_args concept_targets={raw!r}: {n!r} is not one of "
-                                     f"{', '.join(TARGET_SETS)}")
+                                     f"{', '.join(target_sets())}")
         settings["targets"] = tuple(sorted(set(names)))
     if ours.get("concept_clip_skip") not in (None, ""):
         settings["clip_skip"] = _as_int("concept_clip_skip", ours["concept_clip_skip"], 1)

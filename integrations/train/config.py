@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from concept_exclusion.concept.preset import MODES, OUTPUT_PRESERVATION, TARGET_SETS
+from concept_exclusion.concept.preset import MODES, OUTPUT_PRESERVATION
 from concept_exclusion.errors import ConceptExclusionError
+from concept_exclusion.model.roles import target_sets
 from concept_exclusion.options import parse_bool
 
 from concept_exclusion.integrations.train.model import LORA_TARGETS
@@ -75,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("exclusion")
     g.add_argument("--mode", default=None, choices=MODES, help="default: the preset's")
     g.add_argument("--strength", type=float, default=None, help="gradient mode only (0..1)")
-    g.add_argument("--targets", default=None, help=f"comma-separated target sets ({', '.join(TARGET_SETS)}); "
+    g.add_argument("--targets", default=None, help=f"comma-separated target sets ({', '.join(target_sets())}); "
                                                    f"default: the preset's")
     g.add_argument("--project_context", default=None, type=boolean, metavar="{true,false}",
                    help="also project the text states the UNet reads in training passes (default: the preset's)")
@@ -152,6 +153,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConceptExclusionError(f"train: --caption_dropout must be in [0, 1], got {args.caption_dropout}")
     if args.targets:
         for t in args.targets.split(","):
-            if t.strip() not in TARGET_SETS:
+            if t.strip() not in target_sets():
                 raise ConceptExclusionError(f"train: --targets: unknown target set {t.strip()!r} "
-                                            f"(known: {', '.join(TARGET_SETS)})")
+                                            f"(known: {', '.join(target_sets())})")

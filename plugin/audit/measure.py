@@ -20,8 +20,8 @@ from concept_exclusion.audit.base import BaseModel
 from concept_exclusion.audit.report import LayerReport
 from concept_exclusion.concept.embeddings import CONTEXT
 from concept_exclusion.lora.file import LoraFile, effective_delta
-from concept_exclusion.lora.keys import constrained_by_heads, is_dit, is_text_encoder, reads_text, role
-from concept_exclusion.model.roles import ROLES, attention_path, head_basis
+from concept_exclusion.lora.keys import is_dit, is_text_encoder, role
+from concept_exclusion.model.roles import ROLES, attention_path, constrained_by_heads, head_basis, reads_text
 
 Bases = dict[str, torch.Tensor]  # space -> orthonormal basis [d, r]
 _BFL_BLOCKS = re.compile(r"^lora_unet_(double_blocks|single_blocks|joint_blocks|img_in|time_in|guidance_in|"

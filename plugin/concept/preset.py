@@ -23,9 +23,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from concept_exclusion.errors import PresetError
+from concept_exclusion.model.roles import target_sets
 
 TOKEN_OPTIONS = ("concept", "all", "contrastive", "contrastive+concept")
-TARGET_SETS = ("kv", "attention")
 MODES = ("exact", "gradient")
 OUTPUT_PRESERVATION = ("none", "scrub", "base")
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture with {}", "{} in a scene")
@@ -278,7 +278,7 @@ class _Validator:
             raw = [raw] if isinstance(raw, str) else raw
             targets = tuple(sorted(set(self.strings(raw, "projection.targets"))))
             for i, name in enumerate(targets):
-                self.choice(name, f"projection.targets[{i}]", TARGET_SETS)
+                self.choice(name, f"projection.targets[{i}]", target_sets())
         mode = self.choice(t["mode"], "projection.mode", MODES) if "mode" in t else d.mode
         strength = d.strength
         if "strength" in t:

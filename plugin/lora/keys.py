@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from concept_exclusion.model.roles import ROLES, role_of
+from concept_exclusion.model.roles import role_of
 
 # the tensor's role within its adapter, by the name's ending (after diffusers' normalisation)
 _PART_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), part) for p, part in (
@@ -131,13 +131,3 @@ def role(module: str) -> str | None:
     if is_text_encoder(module):
         return None
     return role_of(module[len("lora_unet_"):] if module.startswith("lora_unet_") else module)
-
-
-def reads_text(role_name: str | None) -> bool:
-    """Whether a layer of this role takes the text states (or the pooled text embedding) as its input."""
-    return role_name is not None and ROLES[role_name].reads_text
-
-
-def constrained_by_heads(role_name: str | None) -> bool:
-    """Whether the role's constraint is the per-head span of a sibling projection (attn2 query/out)."""
-    return role_name is not None and ROLES[role_name].shape == "heads"

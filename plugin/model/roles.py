@@ -127,9 +127,14 @@ def role_of(name: str) -> str | None:
     return None
 
 
-def reads_text(role: str) -> bool:
-    """Whether a layer of ``role`` takes the text states (or pooled embedding) as its input."""
-    return ROLES[role].reads_text
+def reads_text(role: str | None) -> bool:
+    """Whether a layer of ``role`` takes the text states (or pooled embedding) as its input (None: no role)."""
+    return role is not None and ROLES[role].reads_text
+
+
+def constrained_by_heads(role: str | None) -> bool:
+    """Whether the role's constraint is the per-head span of a sibling projection (attn2 query/out)."""
+    return role is not None and ROLES[role].shape == "heads"
 
 
 def target_sets() -> tuple[str, ...]:
