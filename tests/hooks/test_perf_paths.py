@@ -11,7 +11,6 @@ from hypothesis import given, settings, strategies as st
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace
 from concept_exclusion.concept.preset import Projection
-from concept_exclusion.hooks import gradient as projector
 from concept_exclusion.hooks.gradient import WeightProjector, Constraint, project, project_grad
 from concept_exclusion.model.targets import Target
 from concept_exclusion.options import AttachOptions
@@ -62,7 +61,7 @@ def test_weight_projector_groups_match_reference(side, shared, dtype):
     cons = _constraints(shapes, side, u, dtype, shared)
     refs = [project(c.target.param.detach().double(), u.double(), side).to(dtype) for c in cons]
     wp = WeightProjector(cons)
-    assert len(wp._shared) == (1 if shared else 0)
+    assert wp.batching[0] == (1 if shared else 0)
     wp()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for c, ref in zip(cons, refs):
@@ -73,13 +72,13 @@ def test_weight_projector_groups_match_reference(side, shared, dtype):
         assert float(part.abs().max()) <= tol * max(1.0, float(p.double().abs().max()))
 
 
-def test_large_groups_are_projected_in_place(monkeypatch):
-    monkeypatch.setattr(projector, "_BATCH_NUMEL", 10)
+def test_large_groups_are_projected_in_place():
     u = _basis(16, 3).float()
     cons = _constraints([(4, 16), (4, 16)], "input", u)
     storages = [c.target.param.data_ptr() for c in cons]
-    wp = WeightProjector(cons)
-    assert not wp._shared and len(wp._single) == 2
+    assert WeightProjector(cons).batching == (1, 0)  # 128 elements: concatenated by default
+    wp = WeightProjector(cons, batch_numel=10)
+    assert wp.batching == (0, 2)
     wp()
     for c, ptr in zip(cons, storages):
         assert c.target.param.data_ptr() == ptr
