@@ -40,36 +40,42 @@ log = logging.getLogger(__name__)
 STATE_FILE = "concept_exclusion_state.safetensors"
 
 
-def _flag(help_text: str):
-    """A ``concept_*`` flag: unset (None) unless given, with its ``--help`` text."""
-    return field(default=None, metadata={"help": help_text})
+FLAG_HELP = {  # the --help text of each flag
+    "concept_preset": ("Preset to exclude: a .toml file, a shipped preset name, or a subspace .safetensors file "
+                       "(ConceptSubspace.save). Leave unset to train without the exclusion."),
+    "concept_mode": ("exact: re-project the weights after every step so (W - W0) U = 0; gradient: project "
+                     "gradients only. Default: the preset's [projection] mode."),
+    "concept_strength": "Share of the gradient's concept component removed (gradient mode only, 0..1).",
+    "concept_targets": ("Target sets, comma-separated: 'kv' (cross-attention keys/values, SDXL pooled path) or "
+                        "'attention' (also queries and outputs). Default: the preset's."),
+    "concept_project_context": ("Also remove the concept's directions from the text states the model reads in "
+                                "training passes, so no layer can learn from them. Default: the preset's "
+                                "[projection] project_context."),
+    "concept_clip_skip": ("Text-encoder layer the UNet reads, kohya-style (1 = last, 2 = penultimate). Must "
+                          "match training."),
+    "concept_text_encoder": ("A diffusers model folder or hub id to read tokenizer(s)/text encoder(s) from when "
+                             "the script does not pass them to ConceptExclusionCallback.from_args."),
+    "concept_save_subspace": "Also write the concept subspace to this .safetensors file (for audits).",
+}
+
+
+def _flag(name: str):
+    """The ``--name`` flag: unset (None) unless given, with its ``--help`` text from ``FLAG_HELP``."""
+    return field(default=None, metadata={"help": FLAG_HELP[name]})
 
 
 @dataclass
 class ConceptExclusionArguments:
     """Flags for ``HfArgumentParser((TrainingArguments, ConceptExclusionArguments))``; all start with ``concept_``."""
 
-    concept_preset: str | None = _flag(
-        "Preset to exclude: a .toml file, a shipped preset name, or a subspace .safetensors file "
-        "(ConceptSubspace.save). Leave unset to train without the exclusion.")
-    concept_mode: Literal["exact", "gradient"] | None = _flag(
-        "exact: re-project the weights after every step so (W - W0) U = 0; gradient: project gradients "
-        "only. Default: the preset's [projection] mode.")
-    concept_strength: float | None = _flag(
-        "Share of the gradient's concept component removed (gradient mode only, 0..1).")
-    concept_targets: str | None = _flag(
-        "Target sets, comma-separated: 'kv' (cross-attention keys/values, SDXL pooled path) or "
-        "'attention' (also queries and outputs). Default: the preset's.")
-    concept_project_context: bool | None = _flag(
-        "Also remove the concept's directions from the text states the model reads in training passes, "
-        "so no layer can learn from them. Default: the preset's [projection] project_context.")
-    concept_clip_skip: int | None = _flag(
-        "Text-encoder layer the UNet reads, kohya-style (1 = last, 2 = penultimate). Must match training.")
-    concept_text_encoder: str | None = _flag(
-        "A diffusers model folder or hub id to read tokenizer(s)/text encoder(s) from when the script "
-        "does not pass them to ConceptExclusionCallback.from_args.")
-    concept_save_subspace: str | None = _flag(
-        "Also write the concept subspace to this .safetensors file (for audits).")
+    concept_preset: str | None = _flag("concept_preset")
+    concept_mode: Literal["exact", "gradient"] | None = _flag("concept_mode")
+    concept_strength: float | None = _flag("concept_strength")
+    concept_targets: str | None = _flag("concept_targets")
+    concept_project_context: bool | None = _flag("concept_project_context")
+    concept_clip_skip: int | None = _flag("concept_clip_skip")
+    concept_text_encoder: str | None = _flag("concept_text_encoder")
+    concept_save_subspace: str | None = _flag("concept_save_subspace")
 
     def __post_init__(self) -> None:
         if self.concept_targets is not None:

@@ -116,8 +116,10 @@ class TextEncoders:
             raise SubspaceError(f"the {name} family has {self.family.count} text encoder(s), got {len(encoders)}")
         self.tokenizers = list(tokenizers)
         self.encoders = list(encoders)
-        self.clip_skip = clip_skip if clip_skip is not None else self.family.clip_skip
         readers = [i for seg in self.family.context for i in seg]
+        self.clip_skip = clip_skip if clip_skip is not None else self.family.clip_skip
+        if self.clip_skip is None and all(is_clip(self.encoders[i]) for i in readers):
+            self.clip_skip = 1  # the last layer, stated: files record the layer their concept was read at
         if self.clip_skip not in (None, 1) and not any(is_clip(self.encoders[i]) for i in readers):
             raise SubspaceError(f"clip_skip={self.clip_skip} applies to CLIP encoders only; this model's text "
                                 f"states come from {type(self.encoders[readers[0]]).__name__}")

@@ -238,3 +238,17 @@ def test_diffusers_checkpoints_carry_metadata_and_resume_the_step_count(sd, tmp_
     exclusion.steps = 0
     accelerator.load_state(str(tmp_path / "checkpoint-12"))
     assert exclusion.steps == 12
+
+
+def test_files_record_the_layer_the_concept_was_read_at(sd):
+    """SD1/2 with clip_skip left unset reads the last CLIP layer: the provenance says 1 (inspect shows it), so an
+    audit can be run at the clip_skip the file was trained with."""
+    from peft import LoraConfig
+
+    from concept_exclusion.integrations.diffusers import attach_exclusion
+
+    for clip_skip, recorded in ((None, "1"), (2, "2")):
+        unet = sd.unet().requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v"]))
+        exclusion = attach_exclusion(unet, make_preset(), sd.tokenizer, sd.text_encoder, clip_skip=clip_skip)
+        assert exclusion.metadata()[PREFIX + "clip_skip"] == recorded
