@@ -1,5 +1,5 @@
-"""Generate benchmarks/RESULTS-evidence.md, and the README's first-screen table, from the evidence JSON files in
-benchmarks/results/.
+"""Generate benchmarks/RESULTS-evidence.md, and the README's first-screen table, from the evidence and inversion
+JSON files in benchmarks/results/.
 
     python benchmarks/evidence_report.py                       # every evidence-*.json there
     python benchmarks/evidence_report.py FILE.json ... --out report.md
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from concept_exclusion_world.demo import DEFAULT_METHOD
 from concept_exclusion_world.files import atomic_path
-from concept_exclusion_world.report import with_first_screen, write_report
+from concept_exclusion_world.first_screen import load_inversion, with_first_screen
+from concept_exclusion_world.report import write_report
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         parser.error("no evidence-*.json in benchmarks/results/; run benchmarks/evidence.py first")
     doc = write_report(files, args.out, DEFAULT_METHOD)
-    readme = with_first_screen(args.readme.read_text(encoding="utf-8"), doc)
+    inversion = load_inversion(sorted((HERE / "results").glob("inversion-*.json")))
+    readme = with_first_screen(args.readme.read_text(encoding="utf-8"), doc, inversion)
     with atomic_path(args.readme) as tmp:
         tmp.write_text(readme, encoding="utf-8")
     verdicts = {m: v["meets_bar"] for m, v in doc["verdicts"].items()}

@@ -43,11 +43,14 @@ def test_readme_prints_the_signature_of_attach():
 def test_first_screen_figures_are_the_result_files():
     """Every figure of the first screen is what benchmarks/evidence_report.py generates from benchmarks/results/."""
     from concept_exclusion_world.demo import DEFAULT_METHOD
-    from concept_exclusion_world.report import load_results, with_first_screen
+    from concept_exclusion_world.first_screen import load_inversion, with_first_screen
+    from concept_exclusion_world.report import load_results
 
     text = README.read_text(encoding="utf-8")
-    files = sorted((README.parent / "benchmarks" / "results").glob("evidence-*.json"))
+    results = README.parent / "benchmarks" / "results"
+    files = sorted(results.glob("evidence-*.json"))
     assert files, "no evidence results to generate the first screen from"
-    assert with_first_screen(text, load_results(files, DEFAULT_METHOD)) == text
+    inversion = load_inversion(sorted(results.glob("inversion-*.json")))
+    assert with_first_screen(text, load_results(files, DEFAULT_METHOD), inversion) == text
     screen = text.split("## Quick start")[0]
     assert "provably" not in screen and "Shipped methods with no uplift in every measured family" in screen

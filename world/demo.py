@@ -122,6 +122,7 @@ def main(args) -> int:
     from .files import write_json
     from .grid import grid_png
     from .methods import METHODS
+    from .first_screen import FAMILIES, NO_UPLIFT, family_uplift
     from .text import ENCODER_NAME, ENCODER_SHA256, WorldError, model_folder, verified_weights
     from .verdict import calibration
 
@@ -155,16 +156,22 @@ def main(args) -> int:
         "leak_reduction": _reduction(args.method, ours, plain, "leak_rate", "neutral_rate"),
         "paraphrase_reduction": _reduction(args.method, ours, plain, "paraphrase_leak_rate",
                                            "paraphrase_neutral_rate"),
+        "uplift": {name: family_uplift(m, figures["base"]) for name, m in methods.items() if name != "base model"},
         "seconds": round(time.time() - t0, 1), "grid": str(grid), "lora_files": lora_files,
         "methods": {name: {k: m[k] for k in JSON_KEYS} | ({"custom": m["custom"]} if "custom" in m else {})
                     for name, m in methods.items()},
         "full": methods,
     }
+    doc["max_uplift"] = max(doc["uplift"][args.method].values())
     print(_table(methods))
-    fmt = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
-    print(f"\nSeed {args.seed}, {args.samples} samples per prompt set. Against plain training, {args.method} "
-          f"removes {fmt(doc['leak_reduction'])} of the name's excess over neutral prompts and "
-          f"{fmt(doc['paraphrase_reduction'])} of the held-out paraphrases' (the bar: 90%).")
+    worst = max(doc["uplift"][args.method].items(), key=lambda kv: kv[1])
+    label = dict(FAMILIES)[worst[0]]
+    verdict = ("no uplift in the measured families" if doc["max_uplift"] <= NO_UPLIFT else
+               "it draws the panda more often than a model that never saw it")
+    print(f"\nSeed {args.seed}, {args.samples} samples per prompt set. Against the base model (it never saw the "
+          f"panda), {args.method} shows it {worst[1] * 100:+.0f} points more often for {label}: {verdict} "
+          f"(the bar: at most {NO_UPLIFT * 100:.0f} points in every family; the benchmark's reference is the "
+          f"filtered fine-tune, and the inversion attack is in benchmarks/inversion.py).")
     if "custom" in plain:
         print("Your prompts: " + ", ".join(f"{name} {m['custom']['leak_rate']:.0%}" for name, m in methods.items())
               + " of samples show the panda emblem.")

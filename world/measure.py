@@ -45,13 +45,18 @@ def sample(model, text: Text, prompts: list[str], seed: int, steps: int = SAMPLE
            batch: int = 128) -> torch.Tensor:
     """DDIM samples [n, 3, 32, 32] in [-1, 1], one per prompt (classifier-free guidance against the empty prompt
     when ``guidance`` is not 1)."""
+    return sample_states(model, text.encode(prompts), text.encode([""]), seed, steps, guidance, batch)
+
+
+@torch.no_grad()
+def sample_states(model, cond_all: torch.Tensor, uncond: torch.Tensor, seed: int, steps: int = SAMPLE_STEPS,
+                  guidance: float = GUIDANCE, batch: int = 128) -> torch.Tensor:
+    """``sample`` from text states [n, L, 384] (encoded prompts, or context vectors an attack found)."""
     from diffusers import DDIMScheduler
 
-    cond_all = text.encode(prompts)
-    uncond = text.encode([""])
-    noise_all = torch.randn(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    noise_all = torch.randn(cond_all.shape[0], 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     out = []
-    for i in range(0, len(prompts), batch):
+    for i in range(0, cond_all.shape[0], batch):
         c = cond_all[i:i + batch]
         n = c.shape[0]
         ddim = DDIMScheduler.from_config(scheduler().config, clip_sample=True, set_alpha_to_one=True)

@@ -15,7 +15,7 @@ from .bench import sample_counts
 from .files import atomic_path
 from .measure import EvalConfig
 from .methods import METHODS
-from .stats import bootstrap, mean, reduction
+from .stats import bootstrap, mean, pct, reduction
 from .verdict import BAR, best_method, calibration, judge
 
 # the against-the-control reading divides by plain minus control: no figure below this gap (a ratio of two small
@@ -64,14 +64,10 @@ def merge(docs: list[dict]) -> dict:
             "best_method": best_method(verdicts, [m for m in verdicts if m in METHODS and not METHODS[m].baseline])}
 
 
-def _pct(v: float) -> str:
-    return "n/a" if v is None or math.isnan(v) else f"{v:.0%}"
-
-
 def _ci(point: float, lo: float, hi: float) -> str:
     if math.isnan(point):
         return "n/a"
-    return _pct(point) + ("" if math.isnan(lo) else f" [{_pct(lo)}, {_pct(hi)}]")
+    return pct(point) + ("" if math.isnan(lo) else f" [{pct(lo)}, {pct(hi)}]")
 
 
 def markdown(doc: dict) -> str:
@@ -87,7 +83,7 @@ def markdown(doc: dict) -> str:
     lines += ["", f"## Calibration gate: {'PASSED' if cal['ok'] else 'FAILED'}", "", "| gate | need | measured | ok |",
               "|---|---|---|---|"]
     for name, g in cal["gates"].items():
-        measured = _pct(g["value"]) if "value" in g else ", ".join(f"{v:+.0%}" for v in g["per_seed"])
+        measured = pct(g["value"]) if "value" in g else ", ".join(f"{v:+.0%}" for v in g["per_seed"])
         lines.append(f"| {name} | {g['need']} | {measured} | {'yes' if g['ok'] else 'NO'} |")
     word_control = runs.get("scrub-word")
     if word_control:
@@ -95,9 +91,9 @@ def markdown(doc: dict) -> str:
         lines += ["", "Not a gate: `scrub-word` (only the word deleted, \"... with the logo\"), name minus neutral per "
                   f"seed: {per_seed}."]
     bm = doc["base_mean"]
-    lines += ["", f"Base model (mean over seeds): name {_pct(bm['leak_rate'])}, neutral {_pct(bm['neutral_rate'])}, "
-              f"paraphrase {_pct(bm['paraphrase_leak_rate'])}, empty {_pct(bm['empty_prompt_rate'])}, "
-              f"colour and shape right {_pct(bm['public_fidelity'])}.", "",
+    lines += ["", f"Base model (mean over seeds): name {pct(bm['leak_rate'])}, neutral {pct(bm['neutral_rate'])}, "
+              f"paraphrase {pct(bm['paraphrase_leak_rate'])}, empty {pct(bm['empty_prompt_rate'])}, "
+              f"colour and shape right {pct(bm['public_fidelity'])}.", "",
               "## Methods (pooled over seeds; 95% bootstrap intervals over seeds and samples)", "",
               "Rates are the share of samples showing the panda logo (allowed: the tiger badge; new: the purple "
               "colour). Reductions are of the excess over the matched neutral prompts, against plain training in the "
@@ -107,16 +103,16 @@ def markdown(doc: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, per_seed in runs.items():
         row = [f"**{method}**" if method == doc["default_method"] else method, str(len(per_seed))]
-        row += [_pct(mean(per_seed, k)) for k in ("leak_rate", "neutral_rate", "paraphrase_leak_rate",
+        row += [pct(mean(per_seed, k)) for k in ("leak_rate", "neutral_rate", "paraphrase_leak_rate",
                                                    "paraphrase_neutral_rate")]
         if method == "plain":
-            row += ["—", "—", "—", "—", _pct(mean(per_seed, "new_content_rate")), "reference"]
+            row += ["—", "—", "—", "—", pct(mean(per_seed, "new_content_rate")), "reference"]
         else:
             c = doc["verdicts"][method]["criteria"]
             row += [_ci(c["name_reduction"]["value"], *c["name_reduction"]["ci95"]),
                     _ci(c["paraphrase_reduction"]["value"], *c["paraphrase_reduction"]["ci95"]),
                     f"{c['heldout_increase']['value']:+.1%}", _ci(c["allowed_kept"]["value"], *c["allowed_kept"]["ci95"]),
-                    _pct(mean(per_seed, "new_content_rate")), "yes" if doc["verdicts"][method]["meets_bar"] else "no"]
+                    pct(mean(per_seed, "new_content_rate")), "yes" if doc["verdicts"][method]["meets_bar"] else "no"]
         lines.append("| " + " | ".join(row) + " |")
     control = runs.get("scrub-name")
     if control:
@@ -140,7 +136,7 @@ def markdown(doc: dict) -> str:
                 p = mean([by_seed["plain"][s] for s in seeds_m], key)
                 c = mean([by_seed["scrub-name"][s] for s in seeds_m], key)
                 m = mean([by_seed[method][s] for s in seeds_m], key)
-                cells += [_pct(m), _pct((p - m) / (p - c)) if p - c >= MIN_CONTROL_GAP
+                cells += [pct(m), pct((p - m) / (p - c)) if p - c >= MIN_CONTROL_GAP
                           else f"n/a (plain within {MIN_CONTROL_GAP * 100:.0f} points of the control)"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     best = doc["best_method"]
@@ -166,68 +162,10 @@ def markdown(doc: dict) -> str:
             mine = by_seed.get(plain_figures["seed"])
             one = {"plain": [plain_figures], method: [mine]}
             cells.append("—" if mine is None else
-                         _pct(bootstrap(reduction(method, "leak_rate", "neutral_rate"), one, counts)[0]))
+                         pct(bootstrap(reduction(method, "leak_rate", "neutral_rate"), one, counts)[0]))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "## Methods", ""] + [f"- `{m}`: {METHODS[m].description}" for m in runs if m in METHODS]
     return "\n".join(lines) + "\n"
-
-
-# the README's first screen: the families a user fears, each as the share of samples that show the concept
-FAMILIES = (("leak_rate", "the name"), ("paraphrase_leak_rate", "held-out paraphrases"),
-            ("neutral_rate", "a neutral word (\"the star logo\")"), ("empty_prompt_rate", "empty prompt"))
-FIRST_SCREEN_METHODS = ("plain", "gradient-kv", "exact-attention", "preserve-base", "preserve-base+context",
-                        "masked-loss")
-NO_UPLIFT = 0.05  # the no-uplift bar: at most 5 points above the reference, in every family
-
-
-def uplift(doc: dict, method: str) -> dict[str, float]:
-    """Per family: the method's rate minus the reference's (the ``filter`` model, which never saw the concept),
-    averaged over the seeds both were run in."""
-    ref = {r["seed"]: r for r in doc["runs"]["filter"]}
-    rows = [r for r in doc["runs"][method] if r["seed"] in ref]
-    return {key: sum(r[key] - ref[r["seed"]][key] for r in rows) / len(rows) for key, _ in FAMILIES}
-
-
-def first_screen(doc: dict) -> str:
-    """The README's table of what gets through: rates per family for the reference and the shipped methods, and a
-    verdict computed here (no family more than ``NO_UPLIFT`` above the reference)."""
-    runs = doc["runs"]
-    lines = ["| model | seeds | " + " | ".join(label for _, label in FAMILIES) + " | largest uplift | verdict |",
-             "|---|---|" + "---|" * len(FAMILIES) + "---|---|"]
-    for method in ("filter",) + FIRST_SCREEN_METHODS:
-        if method not in runs:
-            continue
-        rates = " | ".join(_pct(mean(runs[method], key)) for key, _ in FAMILIES)
-        label = {"filter": "filter (never saw it: the reference)",
-                 "masked-loss": "masked-loss (true masks: an upper bound, not shippable)"}.get(method, method)
-        if method == "filter":
-            lines.append(f"| {label} | {len(runs[method])} | {rates} | — | reference |")
-            continue
-        up = uplift(doc, method)
-        worst = max(up, key=up.get)
-        verdict = "no uplift" if up[worst] <= NO_UPLIFT else "draws it more than the reference"
-        name = dict(FAMILIES)[worst]
-        lines.append(f"| {'**' + label + '** (default)' if method == doc['default_method'] else label} | "
-                     f"{len(runs[method])} | {rates} | +{up[worst] * 100:.0f} points ({name}) | {verdict} |")
-    shipped = [m for m in runs if m in METHODS and not METHODS[m].baseline and m not in ("plain", "filter")]
-    passing = [m for m in shipped if max(uplift(doc, m).values()) <= NO_UPLIFT]
-    lines += ["", f"**Shipped methods with no uplift in every measured family: {', '.join(passing) or 'none'}** "
-                  f"(of {len(shipped)} measured; inversion attack not yet measured)."]
-    return "\n".join(lines) + "\n"
-
-
-FIRST_SCREEN_BEGIN = "<!-- first-screen: generated by `python benchmarks/evidence_report.py` from " \
-                     "benchmarks/results/evidence-*.json -->"
-FIRST_SCREEN_END = "<!-- /first-screen -->"
-
-
-def with_first_screen(readme: str, doc: dict) -> str:
-    """``readme`` with the text between the first-screen markers replaced by ``first_screen(doc)``."""
-    if FIRST_SCREEN_BEGIN not in readme or FIRST_SCREEN_END not in readme:
-        raise ValueError("the README has no first-screen markers")
-    head, rest = readme.split(FIRST_SCREEN_BEGIN, 1)
-    _, tail = rest.split(FIRST_SCREEN_END, 1)
-    return head + FIRST_SCREEN_BEGIN + "\n" + first_screen(doc) + FIRST_SCREEN_END + tail
 
 
 def load_results(files: list[Path], default_method: str | None = None) -> dict:

@@ -79,3 +79,8 @@ def ratio(method: str, key: str, reference: str = "plain") -> Statistic:
 def difference(method: str, key: str, reference: str) -> Statistic:
     """mean(method) - mean(reference) over seeds."""
     return lambda runs: mean(runs[method], key) - mean(runs[reference], key)
+
+
+def pct(v: float | None) -> str:
+    """A rate as a whole percentage ("n/a" for a missing or undefined one)."""
+    return "n/a" if v is None or math.isnan(v) else f"{v:.0%}"

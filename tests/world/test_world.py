@@ -190,8 +190,15 @@ def test_demo_end_to_end_on_a_few_steps(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "d.json").read_text())
-    for key in ("default_method", "encoder", "calibration_ok", "leak_reduction", "paraphrase_reduction", "seconds"):
+    for key in ("default_method", "encoder", "calibration_ok", "leak_reduction", "paraphrase_reduction", "seconds",
+                "uplift", "max_uplift"):
         assert key in doc
+    for name in ("plain", doc["default_method"]):  # per family, against the base model, which never saw the panda
+        up = doc["uplift"][name]
+        assert set(up) == {"leak_rate", "paraphrase_leak_rate", "neutral_rate", "empty_prompt_rate"}
+        assert up["leak_rate"] == doc["methods"][name]["leak_rate"] - doc["methods"]["base model"]["leak_rate"]
+    assert doc["max_uplift"] == max(doc["uplift"][doc["default_method"]].values())
+    assert "points more often for" in proc.stdout and "removes" not in proc.stdout
     assert doc["encoder"]["sha256"] == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
     for name in ("plain", doc["default_method"]):
         m = doc["methods"][name]
