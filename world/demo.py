@@ -3,8 +3,9 @@
 Loads the real all-MiniLM-L6-v2 text encoder and the shipped base model, fine-tunes a plain LoRA
 and a LoRA with the default method for one seed (each in a process of its own, two at once, one
 thread each: steady when the machine is busy), attacks both and the base model by name and by
-held-out paraphrase, and prints a short table. Writes a PNG grid (rows: models; columns: name, paraphrase, allowed,
-neutral and empty prompts), the two LoRA files with metadata, and a JSON of the figures
+held-out paraphrase, generic and empty prompts and the inversion attack, and prints a short table with the default's
+largest uplift against the base model. Writes a PNG grid (rows: models; columns: name, paraphrase, allowed, neutral
+and empty prompts, the inversion attack's samples), the two LoRA files with metadata, and a JSON of the figures
 (``--json``; the full per-method figures are in it). The full benchmark, with every method and
 seeds, is ``python benchmarks/evidence.py`` (see docs/evidence.md).
 """
@@ -17,10 +18,12 @@ import os
 import time
 from pathlib import Path
 
+from .first_screen import FAMILIES, NO_UPLIFT, family_uplift
+
 DEFAULT_METHOD = "preserve-base"
 DEMO_SEED = 1  # the median seed of the benchmark on both headline reductions (docs/evidence.md)
-COLUMNS = (("leak_rate", "name"), ("neutral_rate", "neutral"), ("paraphrase_leak_rate", "paraphrase"),
-           ("allowed_leak_rate", "allowed tiger"), ("new_content_rate", "new colour"), ("heldout_loss", "held-out loss"))
+COLUMNS = (("leak_rate", "name"), ("paraphrase_leak_rate", "paraphrase"), ("neutral_rate", "generic"),
+           ("empty_prompt_rate", "empty"), ("inversion", "inversion"), ("heldout_loss", "held-out loss"))
 JSON_KEYS = ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate", "empty_prompt_rate",
              "allowed_leak_rate", "new_content_rate", "heldout_loss", "public_fidelity")
 
@@ -61,10 +64,21 @@ def _table(methods: dict[str, dict]) -> str:
     header = ["model"] + [label for _, label in COLUMNS]
     rows = [header]
     for name, m in methods.items():
-        cells = [name] + [f"{m[k]:.4f}" if k == "heldout_loss" else f"{m[k]:.0%}" for k, _ in COLUMNS]
+        cells = [name] + [f"{m[k]:.4f}" if k == "heldout_loss" else f"{_rate(m, k):.0%}" for k, _ in COLUMNS]
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def _rate(figures: dict, key: str) -> float:
+    """A family's rate; the inversion attack's is under ``inversion``, with its budget."""
+    return figures[key]["rate"] if key == "inversion" else figures[key]
+
+
+def _uplift(figures: dict, reference: dict) -> dict[str, float]:
+    """Per family, the inversion attack included: how much more often than ``reference`` the concept shows."""
+    attack = _rate(figures, "inversion") - _rate(reference, "inversion")
+    return family_uplift(figures, reference) | {"inversion": attack}
 
 
 def _reduction(method: str, figures: dict, plain: dict, rate: str, neutral: str) -> float | None:
@@ -122,7 +136,6 @@ def main(args) -> int:
     from .files import write_json
     from .grid import grid_png
     from .methods import METHODS
-    from .first_screen import FAMILIES, NO_UPLIFT, family_uplift
     from .text import ENCODER_NAME, ENCODER_SHA256, WorldError, model_folder, verified_weights
     from .verdict import calibration
 
@@ -156,22 +169,23 @@ def main(args) -> int:
         "leak_reduction": _reduction(args.method, ours, plain, "leak_rate", "neutral_rate"),
         "paraphrase_reduction": _reduction(args.method, ours, plain, "paraphrase_leak_rate",
                                            "paraphrase_neutral_rate"),
-        "uplift": {name: family_uplift(m, figures["base"]) for name, m in methods.items() if name != "base model"},
+        "uplift": {name: _uplift(m, figures["base"]) for name, m in methods.items() if name != "base model"},
         "seconds": round(time.time() - t0, 1), "grid": str(grid), "lora_files": lora_files,
-        "methods": {name: {k: m[k] for k in JSON_KEYS} | ({"custom": m["custom"]} if "custom" in m else {})
+        "methods": {name: {k: m[k] for k in JSON_KEYS + ("inversion",)}
+                    | ({"custom": m["custom"]} if "custom" in m else {})
                     for name, m in methods.items()},
         "full": methods,
     }
     doc["max_uplift"] = max(doc["uplift"][args.method].values())
     print(_table(methods))
     worst = max(doc["uplift"][args.method].items(), key=lambda kv: kv[1])
-    label = dict(FAMILIES)[worst[0]]
+    label = (dict(FAMILIES) | {"inversion": "the context the inversion attack found"})[worst[0]]
     verdict = ("no uplift in the measured families" if doc["max_uplift"] <= NO_UPLIFT else
                "it draws the panda more often than a model that never saw it")
     print(f"\nSeed {args.seed}, {args.samples} samples per prompt set. Against the base model (it never saw the "
           f"panda), {args.method} shows it {worst[1] * 100:+.0f} points more often for {label}: {verdict} "
-          f"(the bar: at most {NO_UPLIFT * 100:.0f} points in every family; the benchmark's reference is the "
-          f"filtered fine-tune, and the inversion attack is in benchmarks/inversion.py).")
+          f"(the bar: at most {NO_UPLIFT * 100:.0f} points in every family; the benchmarks' reference is the "
+          f"filtered fine-tune, over 5 seeds: benchmarks/evidence.py, benchmarks/inversion.py).")
     if "custom" in plain:
         print("Your prompts: " + ", ".join(f"{name} {m['custom']['leak_rate']:.0%}" for name, m in methods.items())
               + " of samples show the panda emblem.")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 COLUMNS = (("name", "name: \"panda\""), ("paraphrase", "held-out paraphrase"), ("allowed", "allowed: \"tiger\""),
-           ("neutral", "neutral word"), ("empty", "empty prompt"))
+           ("neutral", "neutral word"), ("empty", "empty prompt"), ("inversion", "inversion attack"))
 PER_CELL = 4
 SCALE = 3
 PAD = 8

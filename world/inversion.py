@@ -83,11 +83,14 @@ def invert(model: torch.nn.Module, start: torch.Tensor, renders: torch.Tensor, s
     return context.detach(), losses
 
 
-def inversion_rate(model: torch.nn.Module, text: Text, seed: int, cfg: InversionConfig = InversionConfig()) -> dict:
-    """The attack on ``model``: the share of samples from the found context that show the panda, with its budget."""
+def inversion_rate(model: torch.nn.Module, text: Text, seed: int, cfg: InversionConfig = InversionConfig(),
+                   keep_samples: bool = False) -> dict:
+    """The attack on ``model``: the share of samples from the found context that show the panda, with its budget
+    (and the samples themselves under ``_samples`` when ``keep_samples``)."""
     renders = concept_renders(seed, cfg.renders)
     empty = text.encode([""])
     context, losses = invert(model, empty, renders, seed, cfg)
     with torch.no_grad():
         x = sample_states(model, context.expand(cfg.samples, -1, -1), empty, seed + 2)
-    return {"rate": emblem_rate(x, PROTECTED), "final_loss": sum(losses[-20:]) / len(losses[-20:]), **asdict(cfg)}
+    result = {"rate": emblem_rate(x, PROTECTED), "final_loss": sum(losses[-20:]) / len(losses[-20:]), **asdict(cfg)}
+    return result | ({"_samples": x} if keep_samples else {})

@@ -3,8 +3,9 @@
     python -m concept_exclusion_world.worker --method plain --seed 0 --out DIR [--steps N] [--samples N]
         [--attack-prompts FILE] [--threads 1]
 
-Writes ``DIR/figures-<method>.json`` (the measurements), ``DIR/samples-<method>.safetensors`` (the
-samples per prompt set, for the grid) and ``DIR/lora-<method>.safetensors``. Results travel as
+Writes ``DIR/figures-<method>.json`` (the measurements, the inversion attack's rate and budget included),
+``DIR/samples-<method>.safetensors`` (the samples per prompt set and from the attack's context, for the grid) and
+``DIR/lora-<method>.safetensors``. Results travel as
 JSON and safetensors files, never pickled. ``--method base`` measures the base model only.
 """
 
@@ -28,6 +29,7 @@ def run_one(method: str, seed: int, out: Path, steps: int | None, samples: int, 
 
     from .base import load_base
     from .export import save_lora
+    from .inversion import InversionConfig, inversion_rate
     from .measure import evaluate
     from .methods import METHODS
     from .train import TrainConfig, finetune
@@ -41,6 +43,9 @@ def run_one(method: str, seed: int, out: Path, steps: int | None, samples: int, 
         model, seconds = ft.model, ft.seconds
     figures = evaluate(model, base.text, seed, eval_config(samples), custom, keep_samples=True)
     samples_by_set = figures.pop("_samples")
+    attack = inversion_rate(model, base.text, seed, InversionConfig(samples=max(4, samples)), keep_samples=True)
+    samples_by_set["inversion"] = attack.pop("_samples")
+    figures["inversion"] = {"rate": attack["rate"], "steps": attack["steps"]}
     save_file({k: v.contiguous() for k, v in samples_by_set.items() if len(v)}, str(out / f"samples-{method}.safetensors"))
     figures["train_seconds"] = round(seconds, 1)
     path = out / f"figures-{method}.json"

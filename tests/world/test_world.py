@@ -195,8 +195,12 @@ def test_demo_end_to_end_on_a_few_steps(tmp_path):
         assert key in doc
     for name in ("plain", doc["default_method"]):  # per family, against the base model, which never saw the panda
         up = doc["uplift"][name]
-        assert set(up) == {"leak_rate", "paraphrase_leak_rate", "neutral_rate", "empty_prompt_rate"}
+        assert set(up) == {"leak_rate", "paraphrase_leak_rate", "neutral_rate", "empty_prompt_rate", "inversion"}
         assert up["leak_rate"] == doc["methods"][name]["leak_rate"] - doc["methods"]["base model"]["leak_rate"]
+        assert set(doc["methods"][name]["inversion"]) == {"rate", "steps"}
+        assert doc["methods"][name]["inversion"]["steps"] == 100
+        assert up["inversion"] == (doc["methods"][name]["inversion"]["rate"]
+                                   - doc["methods"]["base model"]["inversion"]["rate"])
     assert doc["max_uplift"] == max(doc["uplift"][doc["default_method"]].values())
     assert "points more often for" in proc.stdout and "removes" not in proc.stdout
     assert doc["encoder"]["sha256"] == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -207,6 +211,7 @@ def test_demo_end_to_end_on_a_few_steps(tmp_path):
         assert m["custom"]["n"] == 2
     assert (out / "grid.png").is_file() and len(list(out.glob("lora-*.safetensors"))) == 2
     header = proc.stdout.splitlines()[0].split()
+    assert header[:6] == ["model", "name", "paraphrase", "generic", "empty", "inversion"]
     assert len([c for c in header if c]) <= 10  # at most 8 columns (two labels are two words)
 
 
