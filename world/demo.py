@@ -75,12 +75,6 @@ def _rate(figures: dict, key: str) -> float:
     return figures[key]["rate"] if key == "inversion" else figures[key]
 
 
-def _uplift(figures: dict, reference: dict) -> dict[str, float]:
-    """Per family, the inversion attack included: how much more often than ``reference`` the concept shows."""
-    attack = _rate(figures, "inversion") - _rate(reference, "inversion")
-    return family_uplift(figures, reference) | {"inversion": attack}
-
-
 def _reduction(method: str, figures: dict, plain: dict, rate: str, neutral: str) -> float | None:
     """The benchmark's reduction (``stats.reduction``) for one seed; None when plain training has no excess."""
     from .stats import reduction
@@ -169,7 +163,7 @@ def main(args) -> int:
         "leak_reduction": _reduction(args.method, ours, plain, "leak_rate", "neutral_rate"),
         "paraphrase_reduction": _reduction(args.method, ours, plain, "paraphrase_leak_rate",
                                            "paraphrase_neutral_rate"),
-        "uplift": {name: _uplift(m, figures["base"]) for name, m in methods.items() if name != "base model"},
+        "uplift": {name: family_uplift(m, figures["base"]) for name, m in methods.items() if name != "base model"},
         "seconds": round(time.time() - t0, 1), "grid": str(grid), "lora_files": lora_files,
         "methods": {name: {k: m[k] for k in JSON_KEYS + ("inversion",)}
                     | ({"custom": m["custom"]} if "custom" in m else {})

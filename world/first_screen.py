@@ -28,8 +28,12 @@ END = "<!-- /first-screen -->"
 
 
 def family_uplift(figures: dict, reference: dict) -> dict[str, float]:
-    """Per family: how much more often a model shows the concept than a reference that never saw it (one seed)."""
-    return {key: figures[key] - reference[key] for key, _ in FAMILIES}
+    """Per family: how much more often a model shows the concept than a reference that never saw it (one seed);
+    the inversion attack too when both carry its result (``inversion``: {"rate", ...})."""
+    up = {key: figures[key] - reference[key] for key, _ in FAMILIES}
+    if INVERSION[0] in figures and INVERSION[0] in reference:
+        up[INVERSION[0]] = figures[INVERSION[0]]["rate"] - reference[INVERSION[0]]["rate"]
+    return up
 
 
 def load_inversion(files: list[Path]) -> dict[str, dict[int, float]]:

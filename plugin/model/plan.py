@@ -163,6 +163,16 @@ def _targets(model: Scan, forward: Scan, subspace: ConceptSubspace, sets: tuple[
     return targets
 
 
+def _some_readers(forward: Scan, subspace: ConceptSubspace) -> list[Reader]:
+    """``_readers``, refused when there is none (context projection would then project nothing)."""
+    readers = _readers(forward, subspace)
+    if not readers:
+        labels = " / ".join(r.label for r in ROLES.values() if r.reads_text)
+        raise TargetError(f"project_context: no layer of {type(forward.root).__name__} reads text states (searched "
+                          f"for {labels}); pass the UNet itself (kohya: base_model=)")
+    return readers
+
+
 def _readers(forward: Scan, subspace: ConceptSubspace) -> list[Reader]:
     """Every layer of the forward tree whose input is the text states, trainable or not, with its basis."""
     readers, warned = [], set()
@@ -207,16 +217,12 @@ def plan_exclusion(model: nn.Module, subspace: ConceptSubspace, projection: Proj
     targets = [] if context_only else _targets(model_scan, forward, subspace, settings.sets)
     if not targets and not context_only:
         roles = roles_in(settings.sets)
-        searched = sum(1 for layer in model_scan.layers)
+        searched = len(model_scan.layers)
         wanted = ", ".join(ROLES[r].pattern.pattern for r in ROLES if r in roles)
         raise TargetError(f"no trainable target in {type(model).__name__}: searched {searched} matching layer(s) "
                           f"for patterns {wanted} (sets: {', '.join(settings.sets)}) with LoRA factors or trainable "
                           f"weights")
-    readers = _readers(forward, subspace) if settings.project_context else []
-    if settings.project_context and not readers:
-        labels = " / ".join(r.label for r in ROLES.values() if r.reads_text)
-        raise TargetError(f"project_context: no layer of {type(forward.root).__name__} reads text states (searched "
-                          f"for {labels}); pass the UNet itself (kohya: base_model=)")
+    readers = _some_readers(forward, subspace) if settings.project_context else []
     check_sharded(targets)
     return Plan(settings, targets, readers, model_scan, forward)
 
@@ -251,8 +257,4 @@ def find_targets(model: nn.Module, subspace: ConceptSubspace, projection: Projec
 
 def context_readers(model: nn.Module, subspace: ConceptSubspace) -> list[Reader]:
     """The layers context projection would hook in ``model`` (the module that runs the forward pass)."""
-    forward = scan(model)
-    readers = _readers(forward, subspace)
-    if not readers:
-        raise TargetError(f"project_context: no layer of {type(model).__name__} reads text states")
-    return readers
+    return _some_readers(scan(model), subspace)
