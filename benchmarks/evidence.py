@@ -1,11 +1,14 @@
-"""The evidence benchmark (world 3): methods x seeds, one JSON per run under benchmarks/results/.
+"""The evidence benchmark (world 3.3): methods x seeds, each model measured on every prompt family and attacked by
+inversion, against the reference (``filter``) and plain training of the same seeds; one JSON per run under
+benchmarks/results/.
 
     python benchmarks/evidence.py                                  # every method, seeds 0-4
-    python benchmarks/evidence.py --seeds 0,1 --methods plain,filter,scrub-name,preserve-scrub
+    python benchmarks/evidence.py --seeds 0,1 --methods exemplar-masks,preserve-base
     python benchmarks/evidence_report.py                           # benchmarks/RESULTS-evidence.md from the JSONs
 
-Several processes may run at once on different seeds (one thread each); the report merges their
-files. ``--out`` elsewhere (e.g. /tmp) keeps exploratory runs out of the committed results.
+plain and filter are always run (the gate and the bar need them). Several processes may run at once on different
+seeds (one thread each); the report merges their files. ``--out`` elsewhere (e.g. /tmp) keeps exploratory runs
+out of the committed results.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from concept_exclusion_world.demo import DEFAULT_METHOD
 from concept_exclusion_world.files import write_json
 from concept_exclusion_world.methods import METHODS
 from concept_exclusion_world.train import TrainConfig
+from concept_exclusion_world.uplift import FAMILIES
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = tuple(m for m in args.methods.split(",") if m)
-    if "plain" not in methods:
-        methods = ("plain",) + methods
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    methods = tuple(m for m in ("filter", "plain") if m not in methods) + methods
     seeds = tuple(int(s) for s in args.seeds.split(","))
     cfg = BenchConfig(methods=methods, seeds=seeds, train=TrainConfig(steps=args.steps))
     command = "python benchmarks/evidence.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -53,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_run(method: str, seed: int, figures: dict) -> None:
         with open(partial, "a", encoding="utf-8") as f:
             f.write(json.dumps({"method": method, "seed": seed, **figures}, default=float) + "\n")
-        print(f"{method} seed {seed}: name {figures['leak_rate']:.0%} neutral {figures['neutral_rate']:.0%} "
-              f"paraphrase {figures['paraphrase_leak_rate']:.0%} allowed {figures['allowed_leak_rate']:.0%} "
-              f"new {figures['new_content_rate']:.0%} held-out {figures['heldout_loss']:.4f}", flush=True)
+        rates = " ".join(f"{key.removesuffix('_rate')} {figures[key]:.0%}" for key, _ in FAMILIES if key in figures)
+        print(f"{method} seed {seed}: {rates} tiger {figures['allowed_leak_rate']:.0%} "
+              f"purple {figures['new_content_rate']:.0%} held-out {figures['heldout_loss']:.4f}", flush=True)
 
     results = run(base, cfg, on_run=on_run)
     doc = document(results, cfg, command, time.time() - t0, DEFAULT_METHOD)

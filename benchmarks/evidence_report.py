@@ -1,8 +1,8 @@
-"""Generate benchmarks/RESULTS-evidence.md, and the README's first-screen table, from the evidence and inversion
-JSON files in benchmarks/results/.
+"""Generate benchmarks/RESULTS-evidence.md, and the README's first-screen table, from the evidence JSON files in
+benchmarks/results/.
 
     python benchmarks/evidence_report.py                       # every evidence-*.json there
-    python benchmarks/evidence_report.py FILE.json ... --out report.md
+    python benchmarks/evidence_report.py FILE.json ... --out report.md --readme /tmp/README.md
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from concept_exclusion_world.demo import DEFAULT_METHOD
 from concept_exclusion_world.files import atomic_path
-from concept_exclusion_world.first_screen import load_inversion, with_first_screen
+from concept_exclusion_world.first_screen import with_first_screen
 from concept_exclusion_world.report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -29,13 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         parser.error("no evidence-*.json in benchmarks/results/; run benchmarks/evidence.py first")
     doc = write_report(files, args.out, DEFAULT_METHOD)
-    inversion = load_inversion(sorted((HERE / "results").glob("inversion-*.json")))
-    readme = with_first_screen(args.readme.read_text(encoding="utf-8"), doc, inversion)
+    readme = with_first_screen(args.readme.read_text(encoding="utf-8"), doc)
     with atomic_path(args.readme) as tmp:
         tmp.write_text(readme, encoding="utf-8")
-    verdicts = {m: v["meets_bar"] for m, v in doc["verdicts"].items()}
-    print(f"wrote {args.out} and the first screen of {args.readme}: calibration {'passed' if doc['calibration']['ok'] else 'FAILED'}; "
-          f"meets the retired reduction bar: {', '.join(m for m, ok in verdicts.items() if ok) or 'none'}; best: {doc['best_method']}")
+    print(f"wrote {args.out} and the first screen of {args.readme}: calibration "
+          f"{'passed' if doc['calibration']['ok'] else 'FAILED'}; meets the bar: {', '.join(doc['passing']) or 'none'}")
     return 0
 
 

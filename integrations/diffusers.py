@@ -27,7 +27,7 @@ from concept_exclusion.lora.sdxl_names import diffusers_to_sai
 from concept_exclusion.model.roles import canonical_name
 from concept_exclusion.model.scan import scan
 from concept_exclusion.options import AttachOptions
-from concept_exclusion.preservation import warn_unapplied
+from concept_exclusion.loss_changes import REGIONS_REMEDY, warn_unapplied
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,10 @@ def attach_exclusion(unet: nn.Module, preset: Preset | str | Path, tokenizer, te
     ``projection``/``options`` go to ``ConceptExclusion.attach``.
     """
     preset = _preset(preset)
-    warn_unapplied(preset, "attach_exclusion", "replace your loss line with "
-                   "OutputPreservation.for_preset(preset).loss(...) (README, How it works, 7)")
+    warn_unapplied(preset, "attach_exclusion", {
+        "output_preservation": "replace your loss line with OutputPreservation.for_preset(preset).loss(...) "
+                               "(docs/how-it-works.md)",
+        "regions": REGIONS_REMEDY["loop"]})
     subspace = ConceptSubspace.from_encoders(preset, tokenizer, text_encoder, clip_skip)
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     exclusion = ConceptExclusion.attach(unwrap(unet), subspace, projection, optimizer=optimizer, text_encoder=encoders,

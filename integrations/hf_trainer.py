@@ -32,7 +32,9 @@ from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.model import roles
 from concept_exclusion.model.plan import projection_of
 from concept_exclusion.options import check_mode_strength
-from concept_exclusion.preservation import OutputPreservation, warn_unapplied
+from concept_exclusion.loss_changes import warn_unapplied
+from concept_exclusion.preservation import OutputPreservation
+from concept_exclusion.regions import TemplateLocator
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -182,14 +184,23 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
         if self.resume_info or state.global_step > 0:
             self._restore(args, state)
         if self.subspace.preset is not None:
-            warn_unapplied(self.subspace.preset, "a Trainer callback", "compute your loss with "
-                           "callback.preservation.loss(...) in compute_loss (docs/huggingface.md)")
+            warn_unapplied(self.subspace.preset, "a Trainer callback", {
+                "output_preservation": "compute your loss with callback.preservation.loss(...) in compute_loss "
+                                       "(docs/huggingface.md)",
+                "regions": "compute your loss with region_loss(pred, target, latent_mask(callback.locator.masks("
+                           "pixel_values), pred)) in compute_loss (docs/huggingface.md)"})
 
     @property
     def preservation(self) -> OutputPreservation | None:
         """The output preservation the preset asks for (``[projection] output_preservation``), or None."""
         preset = self.subspace.preset
         return None if preset is None else OutputPreservation.for_preset(preset)
+
+    @property
+    def locator(self) -> TemplateLocator | None:
+        """The locator of the preset's exemplars (``[exemplars]``), or None when it lists none."""
+        preset = self.subspace.preset
+        return None if preset is None or preset.exemplars is None else TemplateLocator.from_preset(preset)
 
     def _restore(self, args, state) -> None:
         """Resuming (the Trainer loaded checkpoint weights before this event): restore W0 and the step count.

@@ -8,7 +8,8 @@
 from concept_exclusion._version import __version__
 from concept_exclusion.concept.preset import Concept, Preset, Projection, load_preset, parse_preset, shipped_presets
 from concept_exclusion.concept.subspace import ConceptSubspace
-from concept_exclusion.errors import (AuditError, ConceptExclusionError, LoraFileError, ModelFolderError, PresetError,
+from concept_exclusion.errors import (AuditError, ConceptExclusionError, DataError, LoraFileError, ModelFolderError,
+                                      PresetError,
                                       SafetensorsFileError, SubspaceError, TargetError)
 from concept_exclusion.exclusion import ConceptExclusion
 from concept_exclusion.hooks.gradient import Constraint, GradientProjector, WeightProjector, constraints_for
@@ -18,7 +19,7 @@ from concept_exclusion.options import AttachOptions
 from concept_exclusion.preservation import OutputPreservation
 
 __all__ = [
-    "__version__", "AttachOptions", "AuditError", "Concept", "ConceptExclusion", "ConceptExclusionError",
+    "__version__", "AttachOptions", "AuditError", "Concept", "ConceptExclusion", "ConceptExclusionError", "DataError",
     "ConceptSubspace", "Constraint", "GradientProjector", "LoraFileError", "ModelFolderError", "OutputPreservation",
     "Plan", "Preset", "PresetError", "Projection", "SafetensorsFileError", "SubspaceError", "Target", "TargetError",
     "WeightProjector", "constraints_for", "context_readers", "find_targets", "load_preset", "parse_preset",

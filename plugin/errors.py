@@ -31,3 +31,7 @@ class AuditError(ConceptExclusionError):
 
 class ModelFolderError(ConceptExclusionError):
     """A diffusers model folder (or hub id) cannot be read: missing parts, or a loader failed."""
+
+
+class DataError(ConceptExclusionError):
+    """Training data (a folder of images, an image) is unreadable or unusable; the message names the file."""

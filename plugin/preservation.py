@@ -31,17 +31,6 @@ TARGETS = ("scrub", "base")
 Predict = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
-def warn_unapplied(preset: Preset, integration: str, remedy: str) -> None:
-    """The one warning every integration that cannot change the loss gives when the preset asks for output
-    preservation: what is asked, that ``integration`` applies only the projections, and ``remedy``."""
-    asked = preset.projection.output_preservation
-    if asked == "none":
-        return
-    log.warning("the preset asks for output_preservation=%r, a change to the training loss that %s does not make: "
-                "only the projections apply (in the evidence world they alone did not stop the name from binding); "
-                "%s", asked, integration, remedy)
-
-
 @dataclass(frozen=True)
 class PreservationLoss:
     """The parts of one step's loss: ``total`` is what to backpropagate."""

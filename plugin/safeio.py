@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -46,6 +47,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it is renamed to ``path`` (replacing an existing one
+    only with ``replace``), so the folder appears with all its files or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o777 & ~_umask())
+        if replace and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif replace and path.exists():
+            path.unlink()
+        os.replace(tmp_path, path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _umask() -> int:

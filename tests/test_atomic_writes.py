@@ -193,14 +193,15 @@ ALLOWED = {
 
 
 def _atomic_targets(tree: ast.AST) -> set[str]:
-    """Names bound by ``with atomic_path(...) as NAME``."""
+    """Names bound by ``with atomic_path(...) as NAME`` or ``with atomic_folder(...) as NAME``."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.With):
             for item in node.items:
                 call = item.context_expr
-                if isinstance(call, ast.Call) and (getattr(call.func, "id", None) == "atomic_path"
-                                                   or getattr(call.func, "attr", None) == "atomic_path"):
+                helpers = ("atomic_path", "atomic_folder")
+                if isinstance(call, ast.Call) and (getattr(call.func, "id", None) in helpers
+                                                   or getattr(call.func, "attr", None) in helpers):
                     if isinstance(item.optional_vars, ast.Name):
                         names.add(item.optional_vars.id)
     return names

@@ -39,9 +39,9 @@ def cache_dir() -> Path:
 
 
 def recipe_hash(encoder_sha256: str) -> str:
-    # "world" names the version of the public scenes: world 3.2 changed only the fine-tune data, so the base of 3.1
-    # is still the base
-    doc = {"denoiser": CONFIG, "pretrain": PRETRAIN, "encoder": encoder_sha256, "world": "3.1"}
+    # "world" names the version of the public scenes: 3.2 changed only the fine-tune data; 3.3 put the shop logo in
+    # the middle slot above objects on the right
+    doc = {"denoiser": CONFIG, "pretrain": PRETRAIN, "encoder": encoder_sha256, "world": "3.3"}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 

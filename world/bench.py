@@ -1,8 +1,9 @@
 """Running the comparison: methods x seeds on one base model, measured the same way, written as one JSON.
 
-Invariants: every method of a seed is measured with that seed's prompt sets and noise; the base
-model is measured once per seed with the same sets; the JSON document holds every per-seed figure
-the report, the calibration gate and the verdict are computed from, and the command that made it.
+Invariants: every method of a seed is measured with that seed's prompt sets and noise, and attacked by inversion
+with that seed's renders, noise and budget; the base model is measured and attacked once per seed the same way;
+the JSON document holds every per-seed figure the report, the calibration gate and the verdict are computed
+from, and the command that made it.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import Base
+from .inversion import InversionConfig, inversion_rate
 from .measure import EvalConfig, evaluate
 from .methods import METHODS
 from .text import ENCODER_NAME
 from .train import TrainConfig, finetune
-from .verdict import calibration, judge
+from .uplift import REFERENCE, calibration, judge
 
 log = logging.getLogger(__name__)
-FORMAT = "concept-exclusion-evidence/3"
+FORMAT = "concept-exclusion-evidence/4"
+WORLD = "3.3"
 
 
 @dataclass(frozen=True)
@@ -33,20 +36,37 @@ class BenchConfig:
     seeds: tuple[int, ...]
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    attack: InversionConfig = field(default_factory=InversionConfig)
     custom_prompts: tuple[str, ...] = ()
 
 
-def sample_counts(cfg: EvalConfig) -> dict[str, int]:
+def sample_counts(cfg: EvalConfig, attack: InversionConfig, custom: int = 0) -> dict[str, int]:
     """How many samples each rate is measured on (the bootstrap resamples them)."""
     n = cfg.n
     return {"leak_rate": n, "neutral_rate": n, "paraphrase_leak_rate": n, "paraphrase_neutral_rate": n,
-            "allowed_leak_rate": n, "public_fidelity": n, "empty_prompt_rate": cfg.n_empty,
-            "new_content_rate": cfg.n_new}
+            "preset_paraphrase_rate": n, "no_word_rate": n, "public_protected_rate": n, "allowed_leak_rate": n,
+            "public_fidelity": n, "empty_prompt_rate": cfg.n_empty, "new_content_rate": cfg.n_new,
+            "inversion_rate": attack.samples, "custom_rate": custom}
+
+
+def measure(model, base: Base, seed: int, cfg: BenchConfig) -> dict:
+    """Every figure of one model in one seed: the prompt families and the inversion attack (flat, as the bootstrap
+    reads them)."""
+    t0 = time.time()
+    figures = evaluate(model, base.text, seed, cfg.evaluation, cfg.custom_prompts)
+    custom = figures.pop("custom", None)
+    if custom is not None:
+        figures["custom_rate"] = custom["leak_rate"]
+    attack = inversion_rate(model, base.text, seed, cfg.attack)
+    figures.update(inversion_rate=attack["rate"], inversion_final_loss=attack["final_loss"],
+                   eval_seconds=round(time.time() - t0, 1))
+    return figures
 
 
 def run(base: Base, cfg: BenchConfig, on_run: Callable[[str, int, dict], None] | None = None,
         progress: bool = True) -> dict:
-    """Measure the base model and fine-tune + measure every method in every seed.
+    """Measure the base model and fine-tune + measure (prompt families and the inversion attack) every method in
+    every seed.
 
     Returns {"base": {seed: figures}, "runs": {method: [figures per seed]}}.
     """
@@ -56,13 +76,12 @@ def run(base: Base, cfg: BenchConfig, on_run: Callable[[str, int, dict], None] |
     out: dict = {"base": {}, "runs": {m: [] for m in cfg.methods}}
     bar = tqdm(total=len(cfg.seeds) * (len(cfg.methods) + 1), desc="evidence runs", unit="run", disable=not progress)
     for seed in cfg.seeds:
-        out["base"][seed] = evaluate(base.model, base.text, seed, cfg.evaluation, cfg.custom_prompts)
+        out["base"][seed] = measure(base.model, base, seed, cfg)
         bar.update(1)
         for name in cfg.methods:
             ft = finetune(base, METHODS[name], seed, cfg.train, progress=False)
-            t0 = time.time()
-            figures = evaluate(ft.model, base.text, seed, cfg.evaluation, cfg.custom_prompts)
-            figures.update(seed=seed, train_seconds=round(ft.seconds, 1), eval_seconds=round(time.time() - t0, 1),
+            figures = measure(ft.model, base, seed, cfg)
+            figures.update(seed=seed, train_seconds=round(ft.seconds, 1),
                            final_train_loss=sum(ft.losses[-50:]) / max(len(ft.losses[-50:]), 1))
             out["runs"][name].append(figures)
             if on_run is not None:
@@ -73,23 +92,22 @@ def run(base: Base, cfg: BenchConfig, on_run: Callable[[str, int, dict], None] |
 
 
 def document(results: dict, cfg: BenchConfig, command: str, seconds: float, default_method: str) -> dict:
-    """The JSON document: configuration, per-seed figures, calibration gate and per-method verdicts."""
+    """The JSON document: configuration, per-seed figures, and (with plain and the reference) the calibration gate
+    and per-method verdicts."""
     runs = results["runs"]
-    base_mean = {k: sum(f[k] for f in results["base"].values()) / len(results["base"])
-                 for k in next(iter(results["base"].values())) if isinstance(next(iter(results["base"].values()))[k],
-                                                                             (int, float))}
-    counts = sample_counts(cfg.evaluation)
+    base = {str(k): v for k, v in results["base"].items()}
+    counts = sample_counts(cfg.evaluation, cfg.attack, len(cfg.custom_prompts))
     doc = {
-        "format": FORMAT, "command": command, "seconds": round(seconds, 1),
+        "format": FORMAT, "world": WORLD, "command": command, "seconds": round(seconds, 1),
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "encoder": {"name": ENCODER_NAME}, "default_method": default_method,
         "config": {"methods": list(cfg.methods), "seeds": list(cfg.seeds), "train": asdict(cfg.train),
-                   "evaluation": asdict(cfg.evaluation), "custom_prompts": len(cfg.custom_prompts)},
-        "base": {str(k): v for k, v in results["base"].items()}, "base_mean": base_mean,
-        "runs": runs,
+                   "evaluation": asdict(cfg.evaluation), "attack": asdict(cfg.attack),
+                   "custom_prompts": len(cfg.custom_prompts)},
+        "counts": counts, "base": base, "runs": runs,
     }
-    if "plain" in runs:
-        doc["calibration"] = calibration(base_mean, runs)
-        doc["verdicts"] = {m: judge(m, runs, counts) for m in runs if m != "plain"}
+    if "plain" in runs and REFERENCE in runs:
+        doc["calibration"] = calibration(base, runs, counts)
+        doc["verdicts"] = {m: judge(m, runs, counts) for m in runs if m != REFERENCE}
     return doc

@@ -18,13 +18,15 @@ import os
 import time
 from pathlib import Path
 
-from .first_screen import FAMILIES, NO_UPLIFT, family_uplift
+from .uplift import FAMILIES, FAMILY_UPLIFT, INVERSION_UPLIFT, families
 
-DEFAULT_METHOD = "preserve-base"
+DEFAULT_METHOD = "exemplar-masks+exact"  # what the shipped world-panda preset asks for
 DEMO_SEED = 1  # the median seed of the benchmark on both headline reductions (docs/evidence.md)
 COLUMNS = (("leak_rate", "name"), ("paraphrase_leak_rate", "paraphrase"), ("neutral_rate", "generic"),
+           ("no_word_rate", "no word"),
            ("empty_prompt_rate", "empty"), ("inversion", "inversion"), ("heldout_loss", "held-out loss"))
 JSON_KEYS = ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate", "empty_prompt_rate",
+             "preset_paraphrase_rate", "no_word_rate", "public_protected_rate",
              "allowed_leak_rate", "new_content_rate", "heldout_loss", "public_fidelity")
 
 
@@ -73,6 +75,11 @@ def _table(methods: dict[str, dict]) -> str:
 def _rate(figures: dict, key: str) -> float:
     """A family's rate; the inversion attack's is under ``inversion``, with its budget."""
     return figures[key]["rate"] if key == "inversion" else figures[key]
+
+
+def _uplift(figures: dict, reference: dict) -> dict[str, float]:
+    """Per family (``uplift.FAMILIES``, and the attack prompts when given): the rate minus the reference's."""
+    return {key: figures[key] - reference[key] for key, _ in families({"x": [figures, reference]})}
 
 
 def _reduction(method: str, figures: dict, plain: dict, rate: str, neutral: str) -> float | None:
@@ -130,8 +137,11 @@ def main(args) -> int:
     from .files import write_json
     from .grid import grid_png
     from .methods import METHODS
+    from .bench import sample_counts
+    from .inversion import InversionConfig
     from .text import ENCODER_NAME, ENCODER_SHA256, WorldError, model_folder, verified_weights
-    from .verdict import calibration
+    from .uplift import calibration, judge
+    from .worker import eval_config
 
     if args.method not in METHODS or args.method == "plain":
         raise WorldError(f"--method: unknown method {args.method!r} (known: {', '.join(m for m in METHODS if m != 'plain')})")
@@ -155,7 +165,11 @@ def main(args) -> int:
     plain, ours = methods["plain"], methods[args.method]
     grid = grid_png(samples, [("base", "base model"), ("plain", "plain LoRA"), (args.method, args.method)],
                     out / "grid.png")
-    gate = calibration(methods["base model"], {"plain": [plain]}, partial=True)
+    # one seed, no filtered model: the base model (it never saw the panda either) is the reference here
+    runs = {"plain": [plain], "base": [figures["base"]], args.method: [ours]}
+    counts = sample_counts(eval_config(args.samples), InversionConfig(samples=max(4, args.samples)))
+    gate = calibration({str(args.seed): figures["base"]}, runs, counts, reference="base")
+    verdict = judge(args.method, runs, counts, reference="base")
     doc = {
         "default_method": args.method, "seed": args.seed,
         "encoder": {"name": ENCODER_NAME, "sha256": ENCODER_SHA256},
@@ -163,7 +177,8 @@ def main(args) -> int:
         "leak_reduction": _reduction(args.method, ours, plain, "leak_rate", "neutral_rate"),
         "paraphrase_reduction": _reduction(args.method, ours, plain, "paraphrase_leak_rate",
                                            "paraphrase_neutral_rate"),
-        "uplift": {name: family_uplift(m, figures["base"]) for name, m in methods.items() if name != "base model"},
+        "uplift": {name: _uplift(m, figures["base"]) for name, m in methods.items() if name != "base model"},
+        "meets_bar": verdict["meets_bar"], "bar": verdict["criteria"],
         "seconds": round(time.time() - t0, 1), "grid": str(grid), "lora_files": lora_files,
         "methods": {name: {k: m[k] for k in JSON_KEYS + ("inversion",)}
                     | ({"custom": m["custom"]} if "custom" in m else {})
@@ -173,13 +188,13 @@ def main(args) -> int:
     doc["max_uplift"] = max(doc["uplift"][args.method].values())
     print(_table(methods))
     worst = max(doc["uplift"][args.method].items(), key=lambda kv: kv[1])
-    label = (dict(FAMILIES) | {"inversion": "the context the inversion attack found"})[worst[0]]
-    verdict = ("no uplift in the measured families" if doc["max_uplift"] <= NO_UPLIFT else
-               "it draws the panda more often than a model that never saw it")
+    label = (dict(FAMILIES) | {"custom_rate": "your prompts"})[worst[0]]
+    failed = [c["label"] for c in verdict["criteria"].values() if not c["ok"]]
     print(f"\nSeed {args.seed}, {args.samples} samples per prompt set. Against the base model (it never saw the "
-          f"panda), {args.method} shows it {worst[1] * 100:+.0f} points more often for {label}: {verdict} "
-          f"(the bar: at most {NO_UPLIFT * 100:.0f} points in every family; the benchmarks' reference is the "
-          f"filtered fine-tune, over 5 seeds: benchmarks/evidence.py, benchmarks/inversion.py).")
+          f"panda), {args.method} shows it at most {worst[1] * 100:+.0f} points more often ({label}). The bar "
+          f"(at most {FAMILY_UPLIFT * 100:.0f} points per family, {INVERSION_UPLIFT * 100:.0f} under inversion; "
+          f"purple, tiger and held-out loss kept): {'MET' if verdict['meets_bar'] else 'NOT MET: ' + ', '.join(failed)}"
+          f" (one seed; the benchmark's verdict, 5 seeds against a filtered fine-tune: benchmarks/RESULTS-evidence.md).")
     if "custom" in plain:
         print("Your prompts: " + ", ".join(f"{name} {m['custom']['leak_rate']:.0%}" for name, m in methods.items())
               + " of samples show the panda emblem.")

@@ -1,15 +1,15 @@
 """Exact detectors of world 3: which emblem an image shows, and the colour, shape and position of its object.
 
-Emblem: an 8x8 corner (the logo's top-right, the badge's top-left), each colour channel centred on
-its mean, is correlated with each emblem's centred pattern; the corner shows emblem k when it has a
+Emblem: an 8x8 slot (the logo's two, the badge's top-left corner), each colour channel centred on
+its mean, is correlated with each emblem's centred pattern; the slot shows emblem k when it has a
 pattern at all (RMS contrast at least ``MIN_CONTRAST``, colour units in [0, 1]) and k's correlation
-is the largest and at least ``MIN_CORRELATION``. Every pattern is tried in both corners, so a tiger
-drawn in the logo's corner is read as a tiger, not as no logo. A sampled emblem is blurred: a
+is the largest and at least ``MIN_CORRELATION``. Every pattern is tried in every slot, so a tiger
+drawn in the logo's corner is read as a tiger, not as no logo; an image shows an emblem when any of its slots does. A sampled emblem is blurred: a
 sampled panda correlates with the panda's pattern about 0.6 (the others' below 0.15), with RMS
 contrast 0.13-0.14 against the rendered emblem's 0.39, while a blank corner has 0.002-0.006; no
 sample sits near ``MIN_CONTRAST``, so a rate counts decisions, not faint traces. Object: the
-background colour is read from the top row of patches between the corners (no object or emblem
-reaches it); object pixels are those in the object band
+background colour is read from the rows between the emblems and the objects (nothing else
+reaches them); object pixels are those in the object band
 farther than ``OBJECT_DISTANCE`` from it; the colour is the nearest palette colour of their mean, and
 the shape and position are those whose mask has the largest intersection-over-union with them.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .scenes import (BACKGROUND_COLS, COLOURS, EMBLEM_COLS, EMBLEM_ROWS, EMBLEMS, HALF, OBJECT_ROW,
-                     POSITIONS, SHAPE_MASKS, SIZE, SLOT_COLS)
+from .scenes import (BACKGROUND_ROWS, COLOURS, EMBLEM_ROWS, EMBLEMS, HALF, LOGO_SLOTS, OBJECT_ROW, POSITIONS,
+                     SHAPE_MASKS, SIZE, emblem_slots)
 
 MIN_CONTRAST = 0.06
 MIN_CORRELATION = 0.4
@@ -37,15 +37,15 @@ _PATTERNS = torch.stack([_centred(torch.from_numpy(g).permute(2, 0, 1)) for g in
 _PATTERNS = _PATTERNS / _PATTERNS.norm(dim=1, keepdim=True)
 
 
-def emblem_correlations(x: torch.Tensor, cols: slice = EMBLEM_COLS) -> tuple[torch.Tensor, torch.Tensor]:
+def emblem_correlations(x: torch.Tensor, cols: slice = LOGO_SLOTS["corner"]) -> tuple[torch.Tensor, torch.Tensor]:
     """(correlation with each emblem's pattern [n, emblems], RMS contrast [n]) of the corner ``cols``."""
     z = _centred(((x.float().clamp(-1, 1) + 1) / 2)[:, :, EMBLEM_ROWS, cols]).flatten(1)
     norm = z.norm(dim=1)
     return (z @ _PATTERNS.T) / norm.clamp_min(1e-8)[:, None], norm / z.shape[1] ** 0.5
 
 
-def emblems(x: torch.Tensor, cols: slice = EMBLEM_COLS) -> list[str | None]:
-    """Per image [n, 3, 32, 32] in [-1, 1]: the emblem its corner ``cols`` shows (a key of ``EMBLEMS``) or None;
+def emblems(x: torch.Tensor, cols: slice = LOGO_SLOTS["corner"]) -> list[str | None]:
+    """Per image [n, 3, 32, 32] in [-1, 1]: the emblem its slot ``cols`` shows (a key of ``EMBLEMS``) or None;
     the logo's corner by default, ``BADGE_COLS`` for the badge."""
     corr, contrast = emblem_correlations(x, cols)
     best = corr.argmax(dim=1)
@@ -54,9 +54,11 @@ def emblems(x: torch.Tensor, cols: slice = EMBLEM_COLS) -> list[str | None]:
 
 
 def emblem_rate(x: torch.Tensor, emblem: str) -> float:
-    """Share of images that show ``emblem`` in its own corner."""
-    found = emblems(x, SLOT_COLS[emblem])
-    return sum(e == emblem for e in found) / len(found) if found else 0.0
+    """Share of images that show ``emblem`` in any of its own slots."""
+    if not len(x):
+        return 0.0
+    shown = [any(found) for found in zip(*[[e == emblem for e in emblems(x, cols)] for cols in emblem_slots(emblem)])]
+    return sum(shown) / len(shown)
 
 
 def _masks() -> tuple[list[tuple[str, str]], np.ndarray]:
@@ -80,7 +82,7 @@ def objects(x: torch.Tensor) -> list[tuple[str, str, str] | None]:
     img = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     out = []
     for im in img:
-        bg = np.median(im[EMBLEM_ROWS, BACKGROUND_COLS].reshape(-1, 3), axis=0)
+        bg = np.median(im[BACKGROUND_ROWS].reshape(-1, 3), axis=0)
         band = im[_BAND]
         on = np.linalg.norm(band - bg, axis=-1) > OBJECT_DISTANCE
         if on.sum() < 12:

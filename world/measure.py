@@ -15,7 +15,7 @@ import torch
 
 from .detect import emblem_rate, objects
 from .model import scheduler
-from .scenes import ALLOWED, NEW_COLOUR, PROTECTED, Scene, World, WorldSpec, images
+from .scenes import ALLOWED, NEW_COLOUR, PROTECTED, PROTECTED_NAMES, Scene, World, WorldSpec, images
 from .text import Text
 
 GUIDANCE = 1.0  # x0 prediction: guidance above ~2 over-saturates (base fidelity 94% at 2, 50% at 3, 100% at 1)
@@ -76,12 +76,16 @@ def sample_states(model, cond_all: torch.Tensor, uncond: torch.Tensor, seed: int
 
 @dataclass
 class PromptSets:
-    """Prompts of one measurement seed; index i of name/neutral/paraphrase/allowed/public is the same scene."""
+    """Prompts of one measurement seed; index i of name/neutral/paraphrase/allowed/public is the same scene.
+    ``preset_paraphrase``: the other names the preset lists ("giant panda", ...); ``no_word``: the logo's slot
+    with no word ("... with the logo")."""
 
     name: list[str]
     neutral: list[str]
     paraphrase: list[str]
     paraphrase_neutral: list[str]
+    preset_paraphrase: list[str]
+    no_word: list[str]
     allowed: list[str]
     public: list[Scene]
     new_content: list[Scene]
@@ -97,6 +101,9 @@ def prompt_sets(seed: int, cfg: EvalConfig = EvalConfig(), custom: tuple[str, ..
     neutral = [with_word(s, NEUTRAL_WORDS[i % len(NEUTRAL_WORDS)]) for i, s in enumerate(public)]
     para = [with_word(s, HELDOUT_PARAPHRASES[i % len(HELDOUT_PARAPHRASES)]) for i, s in enumerate(public)]
     para_neutral = [with_word(s, NEUTRAL_WORDS[(i + 1) % len(NEUTRAL_WORDS)]) for i, s in enumerate(public)]
+    others = PROTECTED_NAMES[1:]
+    preset_para = [with_word(s, others[i % len(others)]) for i, s in enumerate(public)]
+    no_word = [with_word(s, "") for s in public]
     allowed = [replace(s, badge=ALLOWED).caption() for s in public]
     new = [world.plain_scene(colour=NEW_COLOUR) for _ in range(cfg.n_new)]
     heldout = []
@@ -104,7 +111,8 @@ def prompt_sets(seed: int, cfg: EvalConfig = EvalConfig(), custom: tuple[str, ..
         s = world.finetune_scene()
         if s.emblem != PROTECTED:
             heldout.append(s)
-    return PromptSets(name, neutral, para, para_neutral, allowed, public, new, heldout, list(custom))
+    return PromptSets(name, neutral, para, para_neutral, preset_para, no_word, allowed, public, new, heldout,
+                      list(custom))
 
 
 @torch.no_grad()
@@ -138,7 +146,8 @@ def evaluate(model, text: Text, seed: int, cfg: EvalConfig = EvalConfig(), custo
     """Every measurement of one model: the rates the bar and the calibration gate read, and utility."""
     sets = prompt_sets(seed, cfg, custom)
     groups = {"name": sets.name, "neutral": sets.neutral, "paraphrase": sets.paraphrase,
-              "paraphrase_neutral": sets.paraphrase_neutral, "allowed": sets.allowed,
+              "paraphrase_neutral": sets.paraphrase_neutral, "preset_paraphrase": sets.preset_paraphrase,
+              "no_word": sets.no_word, "allowed": sets.allowed,
               "public": [s.caption() for s in sets.public], "new_content": [s.caption() for s in sets.new_content],
               "custom": sets.custom}
     prompts = [p for g in groups.values() for p in g]
@@ -153,6 +162,8 @@ def evaluate(model, text: Text, seed: int, cfg: EvalConfig = EvalConfig(), custo
         "neutral_rate": emblem_rate(split["neutral"], PROTECTED),
         "paraphrase_leak_rate": emblem_rate(split["paraphrase"], PROTECTED),
         "paraphrase_neutral_rate": emblem_rate(split["paraphrase_neutral"], PROTECTED),
+        "preset_paraphrase_rate": emblem_rate(split["preset_paraphrase"], PROTECTED),
+        "no_word_rate": emblem_rate(split["no_word"], PROTECTED),
         "empty_prompt_rate": emblem_rate(split["empty"], PROTECTED),
         "allowed_leak_rate": emblem_rate(split["allowed"], ALLOWED),
         "allowed_protected_rate": emblem_rate(split["allowed"], PROTECTED),

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 class Method:
     """One way to fine-tune. ``data``: 'all', 'filter' (drop panda images), 'scrub-name' (drop the phrase that names
     the panda from its captions: "... background", the image keeps its logo) or 'scrub-word' (drop only the word:
-    "... with the logo")."""
+    "... with the logo"). ``masks``: 'true' reads the world's own masks (an upper bound, not shippable); 'exemplars'
+    finds them with the core's ``TemplateLocator`` from the preset's exemplar images, on every image whatever its
+    caption says."""
 
     name: str
     description: str
     data: str = "all"
-    masked_loss: bool = False
+    masks: str | None = None  # where the loss leaves the concept out: 'true' (the world's own) or 'exemplars' (found)
+    region: str = "ignore"  # inside the masks: 'ignore' or 'base' (the frozen base model's prediction as the target)
     mode: str | None = None  # None: no projection
     targets: tuple[str, ...] = ("attention",)
     tokens: str | None = None  # None: the preset's choice
@@ -37,8 +40,8 @@ BASELINES = (
            "deleted), the images kept", data="scrub-name", baseline=True),
     Method("scrub-word", "the word \"panda\" alone removed from its captions (\"... with the logo\"), the images kept",
            data="scrub-word", baseline=True),
-    Method("masked-loss", "the emblem's region left out of the loss on panda images", masked_loss=True,
-           baseline=True),
+    Method("masked-loss", "the panda's region left out of the loss, from the world's true masks (an upper bound)",
+           masks="true", baseline=True),
     Method("gradient-kv", "the paper's projection: gradients of attn2 to_k/to_v projected", mode="gradient",
            targets=("kv",)),
 )
@@ -59,5 +62,11 @@ OURS = (
            preserve="scrub", mode="exact", tokens="all", project_context=True),
     Method("preserve-base+context", "preserve-base with exact-attention and context projection (basis: all)",
            preserve="base", mode="exact", tokens="all", project_context=True),
+    Method("exemplar-masks", "the panda found in every image from the preset's exemplars (template matching); "
+           "nothing learned from its region", masks="exemplars"),
+    Method("exemplar-masks+exact", "exemplar-masks with exact-attention (the weights' constraint, audited in files)",
+           masks="exemplars", mode="exact"),
+    Method("exemplar-region-base", "exemplar-masks, but the region is taught the frozen base model's prediction",
+           masks="exemplars", region="base"),
 )
 METHODS = {m.name: m for m in BASELINES + OURS}

@@ -1,8 +1,8 @@
 """The evidence report, generated from benchmark JSON files (never edited by hand).
 
-Invariant: the calibration gate and every verdict in the report are recomputed here from the
-per-seed figures of the merged files; a method's row pools exactly the seeds that plain training
-was measured in, and a seed measured twice must give the same figures (else merging refuses).
+Invariant: the calibration gate and every verdict in the report are recomputed here from the per-seed figures of
+the merged files; each method is judged on exactly the seeds in which it, plain training and the reference were
+all measured, and a seed measured twice must give the same figures (else merging refuses).
 """
 
 from __future__ import annotations
@@ -11,31 +11,25 @@ import json
 import math
 from pathlib import Path
 
-from .bench import sample_counts
+from .bench import FORMAT
 from .files import atomic_path
-from .measure import EvalConfig
 from .methods import METHODS
-from .stats import bootstrap, mean, pct, reduction
-from .verdict import BAR, best_method, calibration, judge
-
-# the against-the-control reading divides by plain minus control: no figure below this gap (a ratio of two small
-# differences; the first 3.1 report printed 1682%)
-MIN_CONTROL_GAP = 0.15
-
-_ROW_KEYS = ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate", "empty_prompt_rate",
-             "allowed_leak_rate", "new_content_rate", "public_fidelity", "heldout_loss")
+from .stats import mean, pct
+from .uplift import REFERENCE, calibration, families, judge, passing
 
 
 def merge(docs: list[dict]) -> dict:
     """One document from several runs of the same configuration (different seeds or methods)."""
     if not docs:
         raise ValueError("no result files to merge")
-    evaluation = docs[0]["config"]["evaluation"]
+    first = docs[0]["config"]
     runs: dict[str, dict[int, dict]] = {}
     base: dict[str, dict] = {}
     for doc in docs:
-        if doc["config"]["evaluation"] != evaluation or doc["config"]["train"] != docs[0]["config"]["train"]:
-            raise ValueError(f"{doc['command']!r} used another training or evaluation configuration")
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{doc.get('command')!r}: format {doc.get('format')!r}, this report reads {FORMAT}")
+        if any(doc["config"][k] != first[k] for k in ("train", "evaluation", "attack")):
+            raise ValueError(f"{doc['command']!r} used another training, evaluation or attack configuration")
         base.update(doc["base"])
         for method, per_seed in doc["runs"].items():
             for figures in per_seed:
@@ -43,133 +37,97 @@ def merge(docs: list[dict]) -> dict:
                 if seen is not None and seen["leak_rate"] != figures["leak_rate"]:
                     raise ValueError(f"{method} seed {figures['seed']} was measured twice with different figures")
                 runs[method][figures["seed"]] = figures
-    seeds = sorted(runs.get("plain", {}))
-    merged_runs = {m: [per[s] for s in seeds if s in per] for m, per in runs.items()}
-    base_mean = {k: sum(base[str(s)][k] for s in seeds) / len(seeds) for k in _ROW_KEYS if k in base[str(seeds[0])]}
-    counts = sample_counts(EvalConfig(**evaluation))
+    counts = docs[0]["counts"]
+    gate_seeds = sorted(set(runs.get("plain", {})) & set(runs.get(REFERENCE, {})))
+    gate_runs = {m: [runs[m][s] for s in gate_seeds] for m in ("plain", REFERENCE)}
     verdicts = {}
     for method, per in runs.items():
-        if method == "plain":
+        if method == REFERENCE:
             continue
-        # each method against plain (and filtering) in the seeds it was run in
-        shared = [s for s in seeds if s in per and s in runs.get("filter", per)]
-        sub = {m: [runs[m][s] for s in shared] for m in dict.fromkeys(("plain", "filter", method)) if m in runs}
+        shared = [s for s in gate_seeds if s in per]
+        sub = {m: [runs[m][s] for s in shared] for m in dict.fromkeys(("plain", REFERENCE, method))}
         verdicts[method] = judge(method, sub, counts) | {"seeds": shared}
-    gate_seeds = [s for s in seeds if all(s in runs.get(m, {}) for m in ("scrub-name", "filter"))]
-    gate_runs = {m: [runs[m][s] for s in gate_seeds] for m in ("plain", "scrub-name", "filter") if m in runs}
+    ours = [m for m in verdicts if m in METHODS and not METHODS[m].baseline]
     return {"commands": [d["command"] for d in docs], "seconds": sum(d["seconds"] for d in docs),
-            "machine": docs[0]["machine"], "encoder": docs[0]["encoder"], "default_method": docs[0]["default_method"],
-            "config": docs[0]["config"], "seeds": seeds, "base_mean": base_mean, "runs": merged_runs,
-            "calibration": calibration(base_mean, gate_runs), "verdicts": verdicts,
-            "best_method": best_method(verdicts, [m for m in verdicts if m in METHODS and not METHODS[m].baseline])}
+            "world": docs[0]["world"], "machine": docs[0]["machine"], "encoder": docs[0]["encoder"],
+            "default_method": docs[0]["default_method"], "config": first, "counts": counts, "seeds": gate_seeds,
+            "base": {s: base[str(s)] for s in gate_seeds}, "runs": {m: [per[s] for s in sorted(per)]
+                                                                    for m, per in runs.items()},
+            "calibration": calibration(base, gate_runs, counts), "verdicts": verdicts, "passing": passing(verdicts, ours)}
 
 
-def _ci(point: float, lo: float, hi: float) -> str:
-    if math.isnan(point):
-        return "n/a"
-    return pct(point) + ("" if math.isnan(lo) else f" [{pct(lo)}, {pct(hi)}]")
+def _points(v: float) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v * 100:+.0f}"
+
+
+def _ci(c: dict) -> str:
+    lo, hi = c["ci95"]
+    return _points(c["value"]) + ("" if math.isnan(lo) else f" [{_points(lo)}, {_points(hi)}]")
+
+
+def _gate_value(g: dict) -> str:
+    if "per_seed" in g:
+        return ", ".join(f"{v:+.0%}" for v in g["per_seed"]) or "no seeds"
+    if "per_family" in g:
+        return ", ".join(f"{k.removesuffix('_rate')} {v:+.0%}" for k, v in g["per_family"].items())
+    return pct(g["value"]) if not isinstance(g["value"], bool) else ("yes" if g["value"] else "no")
+
+
+def uplift_table(doc: dict, methods: list[str]) -> list[str]:
+    """Markdown rows: per method, every family's uplift in points with its 95% interval, and the verdict."""
+    fams = families(doc["runs"])
+    lines = ["| method | seeds | " + " | ".join(label for _, label in fams) + " | purple kept | tiger kept | "
+             "held-out loss | meets the bar |", "|---|---|" + "---|" * (len(fams) + 4)]
+    for m in methods:
+        v = doc["verdicts"][m]
+        c = v["criteria"]
+        cells = [_ci(c[k]) for k, _ in fams] + [pct(c["new_content_rate"]["value"]),
+                                                pct(c["allowed_leak_rate"]["value"]),
+                                                f"{c['heldout_loss']['value']:+.1%}"]
+        mark = "**yes**" if v["meets_bar"] else "no: " + ", ".join(
+            c[k]["label"] for k in c if not c[k]["ok"])
+        lines.append(f"| {m} | {len(v['seeds'])} | " + " | ".join(cells) + f" | {mark} |")
+    return lines
 
 
 def markdown(doc: dict) -> str:
-    seeds, runs = doc["seeds"], doc["runs"]
+    fams = families(doc["runs"])
     cal = doc["calibration"]
-    lines = ["# Evidence: world 3 (real text encoder)", "",
-             "Generated by `python benchmarks/evidence_report.py` from the JSON files in `benchmarks/results/`; "
-             "do not edit. Discussion: [docs/evidence.md](../docs/evidence.md).", "",
-             f"Encoder: {doc['encoder']['name']}. Seeds: {', '.join(map(str, seeds))}. "
-             f"Machine: {doc['machine']['processor']}, {doc['machine']['platform']}. "
-             f"Compute: {doc['seconds'] / 60:.0f} min in all.", "", "Commands:", ""]
+    lines = [f"# Evidence: world {doc['world']} (real text encoder)", "",
+             "Generated by `python benchmarks/evidence_report.py` from the JSON files in `benchmarks/results/`; do "
+             "not edit. Discussion: [docs/evidence.md](../docs/evidence.md).", "",
+             f"Encoder: {doc['encoder']['name']}. Seeds: {', '.join(map(str, doc['seeds']))}. Machine: "
+             f"{doc['machine']['processor']}, {doc['machine']['platform']}, no GPU. Compute: "
+             f"{doc['seconds'] / 60:.0f} min in all.", "", "Commands:", ""]
     lines += [f"    {c}" for c in doc["commands"]]
-    lines += ["", f"## Calibration gate: {'PASSED' if cal['ok'] else 'FAILED'}", "", "| gate | need | measured | ok |",
-              "|---|---|---|---|"]
-    for name, g in cal["gates"].items():
-        measured = pct(g["value"]) if "value" in g else ", ".join(f"{v:+.0%}" for v in g["per_seed"])
-        lines.append(f"| {name} | {g['need']} | {measured} | {'yes' if g['ok'] else 'NO'} |")
-    word_control = runs.get("scrub-word")
-    if word_control:
-        per_seed = ", ".join(f"{f['leak_rate'] - f['neutral_rate']:+.0%} (seed {f['seed']})" for f in word_control)
-        lines += ["", "Not a gate: `scrub-word` (only the word deleted, \"... with the logo\"), name minus neutral per "
-                  f"seed: {per_seed}."]
-    bm = doc["base_mean"]
-    lines += ["", f"Base model (mean over seeds): name {pct(bm['leak_rate'])}, neutral {pct(bm['neutral_rate'])}, "
-              f"paraphrase {pct(bm['paraphrase_leak_rate'])}, empty {pct(bm['empty_prompt_rate'])}, "
-              f"colour and shape right {pct(bm['public_fidelity'])}.", "",
-              "## Methods (pooled over seeds; 95% bootstrap intervals over seeds and samples)", "",
-              "Rates are the share of samples showing the panda logo (allowed: the tiger badge; new: the purple "
-              "colour). Reductions are of the excess over the matched neutral prompts, against plain training in the "
-              "same seeds.", "",
-              "| method | seeds | name | neutral | paraphrase | para. neutral | name reduction | paraphrase reduction | "
-              "held-out loss vs plain | allowed kept | new colour | meets the retired reduction bar |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for method, per_seed in runs.items():
-        row = [f"**{method}**" if method == doc["default_method"] else method, str(len(per_seed))]
-        row += [pct(mean(per_seed, k)) for k in ("leak_rate", "neutral_rate", "paraphrase_leak_rate",
-                                                   "paraphrase_neutral_rate")]
-        if method == "plain":
-            row += ["—", "—", "—", "—", pct(mean(per_seed, "new_content_rate")), "reference"]
-        else:
-            c = doc["verdicts"][method]["criteria"]
-            row += [_ci(c["name_reduction"]["value"], *c["name_reduction"]["ci95"]),
-                    _ci(c["paraphrase_reduction"]["value"], *c["paraphrase_reduction"]["ci95"]),
-                    f"{c['heldout_increase']['value']:+.1%}", _ci(c["allowed_kept"]["value"], *c["allowed_kept"]["ci95"]),
-                    pct(mean(per_seed, "new_content_rate")), "yes" if doc["verdicts"][method]["meets_bar"] else "no"]
-        lines.append("| " + " | ".join(row) + " |")
-    control = runs.get("scrub-name")
-    if control:
-        lines += ["", "## Against the control (the calibration gate's fallback reading)", "",
-                  "The scrub-name control never saw the name. Where it draws the panda for its name less often than "
-                  "for neutral words (a failed `control_vs_neutral` gate), a reduction of the excess over neutral "
-                  "prompts can pass a method that binds the name more than the control does, and a method whose "
-                  "generic phrase learned the emblem has a high neutral rate. This table reads the raw rates against "
-                  "the control instead: gap closed = (plain - method) / (plain - control), pooled over each "
-                  "method's seeds; 100% is the control's level; no figure where plain exceeds the control by less than "
-                  f"{MIN_CONTROL_GAP:.0%} (a ratio of two small differences).", "",
-                  "| method | name rate | gap closed (name) | paraphrase rate | gap closed (paraphrase) |",
-                  "|---|---|---|---|---|"]
-        by_seed = {k: {f["seed"]: f for f in v} for k, v in runs.items()}
-        for method, per_seed in runs.items():
-            if method in ("plain", "scrub-name"):
-                continue
-            seeds_m = [f["seed"] for f in per_seed if f["seed"] in by_seed["scrub-name"]]
-            cells = []
-            for key in ("leak_rate", "paraphrase_leak_rate"):
-                p = mean([by_seed["plain"][s] for s in seeds_m], key)
-                c = mean([by_seed["scrub-name"][s] for s in seeds_m], key)
-                m = mean([by_seed[method][s] for s in seeds_m], key)
-                cells += [pct(m), pct((p - m) / (p - c)) if p - c >= MIN_CONTROL_GAP
-                          else f"n/a (plain within {MIN_CONTROL_GAP * 100:.0f} points of the control)"]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    best = doc["best_method"]
-    lines += ["", f"**Best method under the retired reduction bar (computed): {best or 'none'}** (of the non-baseline methods: the "
-              "largest lower 95% bound of the smaller of its two reductions, capped at 100%, then the smaller held-out "
-              f"cost); in bold: the demo's and the shipped presets' default ({doc['default_method']}). "
-              f"Baselines ({', '.join(m for m in runs if m in METHODS and METHODS[m].baseline and m != 'plain')}) "
-              "need other data or masks and are not candidates."]
-    lines += ["", "This bar is retired: it reads the excess over neutral prompts, so a method that moves the concept "
-              "from the name onto every other word passes it. The bar now is no uplift against the reference, per "
-              "family (the README's first screen, generated from these files).", "",
-              "The retired bar: " + "; ".join(f"{k} {'<=' if k == 'heldout_increase' else '>='} {v}" for k, v in BAR.items())
-              + ". New colour: rate on purple prompts; the bar asks it to exceed data filtering's by "
-              f"{BAR['new_content_vs_filter']:.0%}.", "", "## Per seed: name-excess reduction", "",
-              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    counts = sample_counts(EvalConfig(**doc["config"]["evaluation"]))
-    for method in runs:
-        if method == "plain":
-            continue
-        cells = []
-        by_seed = {f["seed"]: f for f in runs[method]}
-        for plain_figures in runs["plain"]:
-            mine = by_seed.get(plain_figures["seed"])
-            one = {"plain": [plain_figures], method: [mine]}
-            cells.append("—" if mine is None else
-                         pct(bootstrap(reduction(method, "leak_rate", "neutral_rate"), one, counts)[0]))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "## Methods", ""] + [f"- `{m}`: {METHODS[m].description}" for m in runs if m in METHODS]
+    lines += ["", f"## Calibration gate: {'PASSED' if cal['ok'] else 'FAILED'}", "",
+              "| gate | need | measured | ok |", "|---|---|---|---|"]
+    lines += [f"| {k} | {g['need']} | {_gate_value(g)} | {'yes' if g['ok'] else 'NO'} |" for k, g in cal["gates"].items()]
+    lines += ["", "## Rates (share of samples that show the panda; pooled over seeds)", "",
+              "| model | seeds | " + " | ".join(label for _, label in fams) + " | purple | tiger |",
+              "|---|---|" + "---|" * (len(fams) + 2)]
+    base_rows = list(doc["base"].values())
+    lines.append("| base model | " + str(len(base_rows)) + " | " + " | ".join(pct(mean(base_rows, k)) for k, _ in fams)
+                 + f" | {pct(mean(base_rows, 'new_content_rate'))} | {pct(mean(base_rows, 'allowed_leak_rate'))} |")
+    for m, rows in doc["runs"].items():
+        lines.append(f"| {m} | {len(rows)} | " + " | ".join(pct(mean(rows, k)) for k, _ in fams) +
+                     f" | {pct(mean(rows, 'new_content_rate'))} | {pct(mean(rows, 'allowed_leak_rate'))} |")
+    lines += ["", f"## Uplift against the reference ({REFERENCE}: never saw the panda), in points [95% interval]", "",
+              "The bar: every family's uplift <= 5 points with the upper bound <= 10, the inversion attack's <= 10; "
+              "purple kept >= 90% and tiger >= 80% of plain's rate; held-out loss within +5% of plain's.", ""]
+    lines += uplift_table(doc, list(doc["verdicts"]))
+    if not cal["ok"]:
+        verdict = "The calibration gate failed: no method is judged on this instrument."
+    else:
+        verdict = (f"**Methods that meet the bar (computed): {', '.join(doc['passing']) or 'none'}**; the shipped "
+                   f"default: {doc['default_method']}.")
+    lines += ["", verdict, "", "## Methods", ""]
+    lines += [f"- `{m}`: {METHODS[m].description}" for m in doc["runs"] if m in METHODS]
     return "\n".join(lines) + "\n"
 
 
 def load_results(files: list[Path], default_method: str | None = None) -> dict:
-    """The merged document of ``files``; ``default_method`` (the demo's now) is marked in the tables."""
+    """The merged document of ``files``; ``default_method`` (the demo's now) is marked."""
     doc = merge([json.loads(Path(f).read_text(encoding="utf-8")) for f in files])
     if default_method is not None:
         doc["default_method"] = default_method
@@ -177,7 +135,7 @@ def load_results(files: list[Path], default_method: str | None = None) -> dict:
 
 
 def write_report(files: list[Path], out: Path, default_method: str | None = None) -> dict:
-    """Merge ``files`` and write the markdown; ``default_method`` (the demo's now) is marked in the table."""
+    """Merge ``files`` and write the markdown; returns the merged document."""
     doc = load_results(files, default_method)
     with atomic_path(out) as tmp:
         tmp.write_text(markdown(doc), encoding="utf-8")

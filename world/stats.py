@@ -13,7 +13,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 RATE_KEYS = ("leak_rate", "neutral_rate", "paraphrase_leak_rate", "paraphrase_neutral_rate", "empty_prompt_rate",
-             "allowed_leak_rate", "new_content_rate", "public_fidelity")
+             "allowed_leak_rate", "new_content_rate", "public_fidelity", "preset_paraphrase_rate", "no_word_rate",
+             "public_protected_rate", "inversion_rate", "custom_rate")
 Runs = Mapping[str, Sequence[Mapping[str, float]]]  # method -> per-seed measurements (same seed order)
 Statistic = Callable[[Mapping[str, list[Mapping[str, float]]]], float]
 

@@ -18,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from concept_exclusion import ConceptExclusion, ConceptSubspace, OutputPreservation
+from concept_exclusion.regions import TemplateLocator, region_loss
 from .base import Base
 from .methods import Method
 from .model import noisy, scheduler
 from .presets import world_preset
-from .scenes import PROTECTED, Scene, World, WorldSpec, emblem_mask, images
+from .scenes import PROTECTED, Scene, World, WorldSpec, images, true_masks
 
 DATA_SEED = 0
 DATA_SIZE = 2000
@@ -76,6 +77,15 @@ def with_lora(base: Base, config: TrainConfig, seed: int) -> torch.nn.Module:
                                               target_modules=list(LORA_TARGETS)), model)
 
 
+def concept_masks(method: Method, data: list[Scene], x_all: torch.Tensor) -> torch.Tensor | None:
+    """[n, 1, 32, 32] masks of the panda in the training images (None: the method uses none)."""
+    if method.masks == "true":
+        return true_masks(data)
+    if method.masks == "exemplars":
+        return TemplateLocator.from_preset(world_preset(method.preset)).masks(x_all)
+    return None
+
+
 def subspace_for(base: Base, method: Method) -> ConceptSubspace:
     return ConceptSubspace.from_text_encoder(world_preset(method.preset, method.tokens), base.text.tokenizer,
                                              base.text.encoder)
@@ -87,7 +97,7 @@ def finetune(base: Base, method: Method, seed: int, config: TrainConfig = TrainC
     t0 = time.time()
     data, captions = dataset(method, scenes if scenes is not None else finetune_scenes())
     x_all = images(data)
-    named = torch.tensor([s.emblem == PROTECTED for s in data])
+    masks = concept_masks(method, data, x_all)
     model = with_lora(base, config, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -103,7 +113,6 @@ def finetune(base: Base, method: Method, seed: int, config: TrainConfig = TrainC
                                                       weight=method.preserve_weight)
     gen = torch.Generator().manual_seed(seed)
     sched = scheduler()
-    mask = 1.0 - emblem_mask()
     model.train()
     losses = []
     bar = tqdm(range(config.steps), desc=f"{method.name} (seed {seed})", disable=not progress, leave=False)
@@ -116,10 +125,13 @@ def finetune(base: Base, method: Method, seed: int, config: TrainConfig = TrainC
         if preservation is not None:
             loss = preservation.loss(model, xt, t, x0, batch_captions, base.text.encode,
                                      base_predict=base.model).total
-        elif method.masked_loss:
-            err = (model(xt, t, base.text.encode(batch_captions)) - x0).pow(2)
-            weight = torch.where(named[idx].view(-1, 1, 1, 1), mask, torch.ones_like(mask)).expand_as(err)
-            loss = (err * weight).sum() / weight.sum()
+        elif masks is not None:
+            context = base.text.encode(batch_captions)
+            target = None
+            if method.region == "base":
+                with torch.no_grad():
+                    target = base.model(xt, t, context)
+            loss = region_loss(model(xt, t, context), x0, masks[idx], target)
         else:
             loss = torch.nn.functional.mse_loss(model(xt, t, base.text.encode(batch_captions)), x0)
         opt.zero_grad(set_to_none=True)

@@ -46,8 +46,11 @@ def run_one(method: str, seed: int, out: Path, steps: int | None, samples: int, 
     attack = inversion_rate(model, base.text, seed, InversionConfig(samples=max(4, samples)), keep_samples=True)
     samples_by_set["inversion"] = attack.pop("_samples")
     figures["inversion"] = {"rate": attack["rate"], "steps": attack["steps"]}
+    figures["inversion_rate"] = attack["rate"]
+    if "custom" in figures:
+        figures["custom_rate"] = figures["custom"]["leak_rate"]
     save_file({k: v.contiguous() for k, v in samples_by_set.items() if len(v)}, str(out / f"samples-{method}.safetensors"))
-    figures["train_seconds"] = round(seconds, 1)
+    figures["train_seconds"], figures["seed"] = round(seconds, 1), seed
     path = out / f"figures-{method}.json"
     path.write_text(json.dumps(figures, default=float), encoding="utf-8")
     return path

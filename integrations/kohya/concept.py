@@ -18,7 +18,7 @@ from concept_exclusion.concept.subspace import ConceptSubspace
 from concept_exclusion.errors import SubspaceError
 from concept_exclusion.model.roles import role_of
 from concept_exclusion.options import check_mode_strength
-from concept_exclusion.preservation import warn_unapplied
+from concept_exclusion.loss_changes import warn_unapplied
 
 from concept_exclusion.integrations.kohya.args import KohyaArgsError
 from concept_exclusion.integrations.kohya.mmdit import mmdit_strategy
@@ -135,7 +135,7 @@ def encode_concept(text_encoder, unet, settings: dict[str, Any]) -> ConceptSubsp
         log.warning("concept_mode=gradient projects gradients only: a LoRA's down factors keep their initial "
                     "concept components and Adam drifts, so the saved file will usually fail `concept-exclusion "
                     "audit`; use concept_mode=exact for a guarantee")
-    warn_unapplied(preset, "an sd-scripts network module", "see docs/kohya.md")
+    warn_unapplied(preset, "an sd-scripts network module", {"output_preservation": "see docs/kohya.md"})
     subspace = build_subspace(preset, text_encoder, settings)
     _check_unet_width(unet, subspace)
     log.info("concept %s encoded: ranks %s (clip_skip %s)", preset.name,

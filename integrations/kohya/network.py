@@ -28,6 +28,7 @@ from torch import nn
 from concept_exclusion.concept.subspace import ConceptSubspace
 from concept_exclusion.errors import ConceptExclusionError
 from concept_exclusion.exclusion import ConceptExclusion
+from concept_exclusion.loss_changes import REGIONS_REMEDY, warn_unapplied
 from concept_exclusion.metadata import PREFIX
 from concept_exclusion.model.plan import plan_exclusion, projection_of
 from concept_exclusion.options import AttachOptions
@@ -108,6 +109,8 @@ class ConceptExclusionNetwork(nn.Module):
         if not sdxl and _skip(clip_skip) != _skip(self.subspace.clip_skip):
             raise KohyaArgsError(f"--clip_skip {clip_skip} but the concept was encoded with clip_skip "
                                  f"{self.subspace.clip_skip}; set network_args concept_clip_skip={clip_skip}")
+        if not getattr(args, "masked_loss", False) and self.subspace.preset is not None:
+            warn_unapplied(self.subspace.preset, "sd-scripts without --masked_loss", {"regions": REGIONS_REMEDY["kohya"]})
         if hasattr(self.base_network, "prepare_network"):
             self.base_network.prepare_network(args)
 

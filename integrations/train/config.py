@@ -83,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output_preservation", default=None, choices=OUTPUT_PRESERVATION,
                    help="captions naming the concept teach the image through the caption without the name, and the "
                         "name is pulled to that prediction (scrub) or to the frozen base's (base); default: the preset's")
+    g.add_argument("--regions", default="preset", choices=("preset", "ignore", "base", "off"),
+                   help="the concept's region in each image, found from the preset's exemplars whatever the caption "
+                        "says: learn nothing there (ignore) or the frozen base's prediction (base); preset: the "
+                        "preset's [exemplars] region when it lists exemplars, else off")
     g.add_argument("--clip_skip", type=int, default=None, help="kohya-style (1 = last layer, 2 = penultimate)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_every", type=int, default=0, help="write a checkpoint every N steps (0: never)")

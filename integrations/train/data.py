@@ -162,3 +162,15 @@ def batch_indices(micro_step: int, n: int, batch_size: int, seed: int, rank: int
     order = torch.randperm(n, generator=g).tolist()
     start = position * per_step + rank * batch_size
     return order[start:start + batch_size]
+
+
+def concept_regions(locator, examples, resolution: int, progress: bool = True) -> torch.Tensor:
+    """[n, 1, R, R] bool: where ``locator`` finds the concept in each training image, as the trainer crops it.
+    Found once before training (the images and crops never change), so the per-step cost is an index."""
+    from tqdm.auto import tqdm
+
+    out = torch.zeros(len(examples), 1, resolution, resolution, dtype=torch.bool)
+    for i, example in enumerate(tqdm(examples, desc="finding the concept", unit="image", disable=not progress)):
+        out[i] = locator.masks(load_image(example.image, resolution)[None])[0] > 0
+    return out
+

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 
 from concept_exclusion._version import __version__
 from concept_exclusion.concept.preset import load_preset
+from concept_exclusion.errors import ConceptExclusionError
 from concept_exclusion.integrations.train.checkpoint import (checkpoint_path, find_checkpoint, load_checkpoint,
                                                              prune_checkpoints, remove_stale_temporaries,
                                                              save_checkpoint)
 from concept_exclusion.integrations.train.config import SAVE_DTYPES, add_arguments, resolve_config
-from concept_exclusion.integrations.train.data import (batch_indices, dataset_fingerprint, load_image, micro_batch_seed,
-                                                       scan_dataset)
+from concept_exclusion.integrations.train.data import (batch_indices, concept_regions, dataset_fingerprint, load_image,
+                                                       micro_batch_seed, scan_dataset)
 from concept_exclusion.integrations.train.model import load_pipeline, lora_config
 from concept_exclusion.integrations.train.samples import write_samples
 
@@ -84,6 +85,17 @@ def run(args: argparse.Namespace) -> int:
             handler.close()
 
 
+def region_treatment(choice: str, preset) -> str:
+    """'ignore', 'base' or 'off' for ``--regions choice``: 'preset' reads the preset's [exemplars] region (off when
+    it lists none); asking for regions from a preset without exemplars is an error."""
+    if choice == "preset":
+        return preset.exemplars.region if preset.exemplars is not None else "off"
+    if choice != "off" and preset.exemplars is None:
+        raise ConceptExclusionError(f"--regions {choice}: the preset {preset.name} lists no exemplars to find the "
+                                    "concept with (add an [exemplars] table)")
+    return choice
+
+
 def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -92,6 +104,7 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
 
     from concept_exclusion.exclusion import ConceptExclusion
     from concept_exclusion.preservation import OutputPreservation
+    from concept_exclusion.regions import TemplateLocator, latent_mask, region_loss
 
     from concept_exclusion.integrations.diffusers import encode_prompts, is_sdxl, save_lora, subspace_from_pipeline
 
@@ -101,6 +114,18 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     examples = scan_dataset(args.data)
     fingerprint = dataset_fingerprint(examples)
     preset = load_preset(args.preset)
+    chosen = args.output_preservation or preset.projection.output_preservation
+    preservation = None if chosen == "none" else OutputPreservation.from_preset(preset, target=chosen)
+    region = region_treatment(args.regions, preset)
+    locator = None if region == "off" else TemplateLocator.from_preset(preset)
+    if locator is not None and preservation is not None:
+        raise ConceptExclusionError(f"--regions {region} and output preservation ({chosen}) both change the loss; "
+                                    "train applies one: pass --regions off or --output_preservation none")
+    regions = None
+    if locator is not None:
+        regions = concept_regions(locator, examples, args.resolution, accelerator.is_local_main_process)
+        log.info("regions (%s): the concept was found in %d of %d images", region,
+                 int(regions.flatten(1).any(1).sum()), len(examples))
     set_seed(args.seed)
     pipe = load_pipeline(args.base, args.base_config, args.local_files_only)
     sdxl = is_sdxl(pipe)
@@ -122,8 +147,6 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     projection = preset.projection.overridden(mode=args.mode, strength=args.strength, targets=targets,
                                               project_context=args.project_context)
     exclusion = ConceptExclusion.attach(unet, subspace, projection, text_encoder=encoders)
-    chosen = args.output_preservation or preset.projection.output_preservation
-    preservation = None if chosen == "none" else OutputPreservation.from_preset(preset, target=chosen)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -167,6 +190,14 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
+        if regions is not None:
+            cond = conditioning(captions)
+            concept = latent_mask(regions[idx].to(device), latents)
+            base = None
+            if region == "base":
+                with torch.no_grad():
+                    base = base_predict(noisy, timesteps, cond).float()
+            return region_loss(predict(noisy, timesteps, cond).float(), target.float(), concept, base)
         if preservation is None:
             return F.mse_loss(predict(noisy, timesteps, conditioning(captions)).float(), target.float())
         return preservation.loss(predict, noisy, timesteps, target, captions, conditioning,

@@ -1,7 +1,8 @@
 """Concept presets: strict TOML documents that say which concept to exclude and how.
 
 A preset is data only. Loading one never imports, executes or opens anything but the one
-file named (or a preset shipped in ``concept_exclusion.presets``). Its size is bounded: at most
+file named (or a preset shipped in ``concept_exclusion.presets``); the exemplar images it may pin are read only
+when asked for (``concept_exclusion.concept.exemplars``). Its size is bounded: at most
 ``MAX_PRESET_BYTES`` of TOML and ``MAX_TEXTS`` prompt x template combinations in all (each one is
 encoded by the text encoder(s); 10,000 prompts took 78 s and 3.8 GB on a tiny encoder).
 """
@@ -22,6 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from concept_exclusion.concept.exemplars import MAX_EXEMPLARS, REGION_TREATMENTS, ExemplarFile, Exemplars
 from concept_exclusion.errors import PresetError
 from concept_exclusion.model.roles import target_sets
 
@@ -34,6 +36,8 @@ MAX_PRESET_BYTES = 1_000_000
 MAX_TEXTS = 2048
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RELATIVE_PATH = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9._/ -]{1,256}$")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Preset:
     author: str | None = None
     source: str = "<string>"
     toml_text: str = ""
+    exemplars: Exemplars | None = None
 
     @property
     def sha256(self) -> str:
@@ -109,7 +114,7 @@ def canonical_json(preset: Preset) -> str:
     """The preset's content as JSON with sorted keys and defaults filled in: equal content, equal text.
 
     ``project_context`` appears only when true (``output_preservation`` and its weight only when it is not
-    "none"), so presets written before they existed keep their hash
+    "none", ``exemplars`` only when listed), so presets written before they existed keep their hash
     (files record the hash and are checked against it when read back).
     """
     def concept(c: Concept) -> dict[str, Any]:
@@ -129,6 +134,10 @@ def canonical_json(preset: Preset) -> str:
     if p.output_preservation != "none":
         doc["projection"]["output_preservation"] = p.output_preservation
         doc["projection"]["preservation_weight"] = p.preservation_weight
+    if preset.exemplars is not None:
+        e = preset.exemplars
+        doc["exemplars"] = {"files": [{"path": f.path, "sha256": f.sha256} for f in e.files],
+                            "threshold": e.threshold, "scales": list(e.scales), "dilate": e.dilate, "region": e.region}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -296,8 +305,39 @@ class _Validator:
                   if "preservation_weight" in t else d.preservation_weight)
         return Projection(energy, max_rank, tokens, targets, mode, strength, project_context, preservation, weight)
 
+    def exemplars(self, value: Any) -> Exemplars:
+        t = self.table(value, "exemplars", {"files", "threshold", "scales", "dilate", "region"}, {"files"})
+        files = t["files"]
+        if not isinstance(files, list) or not files or not all(isinstance(f, dict) for f in files):
+            raise self.fail("exemplars.files", "must be a non-empty array of tables {path = ..., sha256 = ...}")
+        if len(files) > MAX_EXEMPLARS:
+            raise self.fail("exemplars.files", f"{len(files)} files; at most {MAX_EXEMPLARS}")
+        items = []
+        for i, f in enumerate(files):
+            key = f"exemplars.files[{i}]"
+            f = self.table(f, key, {"path", "sha256"}, {"path", "sha256"})
+            path, digest = self.string(f["path"], f"{key}.path"), self.string(f["sha256"], f"{key}.sha256")
+            if not _RELATIVE_PATH.fullmatch(path):
+                raise self.fail(f"{key}.path", f"must be a relative '/'-separated path inside the preset's folder "
+                                               f"(no '..'), got {path!r}")
+            if not _SHA256.fullmatch(digest):
+                raise self.fail(f"{key}.sha256", f"must be 64 lowercase hex digits, got {digest!r}")
+            items.append(ExemplarFile(path, digest))
+        d = Exemplars(())
+        threshold = self.number(t["threshold"], "exemplars.threshold", 0.0, 1.0, lo_open=True) if "threshold" in t \
+            else d.threshold
+        scales = d.scales
+        if "scales" in t:
+            if not isinstance(t["scales"], list) or not t["scales"]:
+                raise self.fail("exemplars.scales", f"must be a non-empty array of numbers, got {_type(t['scales'])}")
+            scales = tuple(self.number(v, f"exemplars.scales[{i}]", 0.0, 16.0, lo_open=True)
+                           for i, v in enumerate(t["scales"]))
+        dilate = self.integer(t["dilate"], "exemplars.dilate", 0, 64) if "dilate" in t else d.dilate
+        region = self.choice(t["region"], "exemplars.region", REGION_TREATMENTS) if "region" in t else d.region
+        return Exemplars(tuple(items), threshold, scales, dilate, region)
+
     def preset(self, doc: dict, text: str) -> Preset:
-        self.table(doc, "", {"preset", "concepts", "preserve", "projection"}, {"preset", "concepts"})
+        self.table(doc, "", {"preset", "concepts", "preserve", "projection", "exemplars"}, {"preset", "concepts"})
         head = self.table(doc["preset"], "preset", {"name", "version", "description", "license", "author"},
                           {"name", "version", "description"})
         name = self.string(head["name"], "preset.name")
@@ -318,7 +358,7 @@ class _Validator:
         return Preset(
             name=name, version=version, description=self.string(head["description"], "preset.description", False),
             concepts=concepts, preserve=preserve, projection=projection, source=self.source, toml_text=text,
-            **optional,
+            exemplars=self.exemplars(doc["exemplars"]) if "exemplars" in doc else None, **optional,
         )
 
 

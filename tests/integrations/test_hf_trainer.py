@@ -116,13 +116,25 @@ def test_subspace_json_round_trip_is_bit_exact(sd, preset_file):
     assert back.sha256 == sub.sha256 and back.preset.sha256 == sub.preset.sha256
 
 
-def test_callback_offers_the_presets_output_preservation(sd, preset_file):
+def test_callback_offers_the_presets_loss_changes(sd, preset_file, tmp_path):
     from concept_exclusion import ConceptSubspace, load_preset
+    from concept_exclusion.regions.exemplars import exemplar_images
 
-    shipped = ConceptSubspace.from_text_encoder(load_preset("example-logo"), sd.tokenizer, sd.text_encoder)
-    assert ConceptExclusionCallback(shipped).preservation.target == "base"  # the shipped presets' default
+    shipped = ConceptExclusionCallback(ConceptSubspace.from_text_encoder(load_preset("example-logo"), sd.tokenizer,
+                                                                         sd.text_encoder))
+    assert shipped.preservation is None  # the shipped presets' default: the regions loss
+    logo = exemplar_images(load_preset("example-logo"))[0]  # the logo, shown at twice its size in a larger image
+    image = torch.full((2, 3, 160, 160), 0.1)
+    image[0, :, 40:104, 50:114] = F.interpolate(logo[None], scale_factor=2, mode="nearest")[0]
+    found = shipped.locator.masks(image)
+    assert found[0, 0, 40:104, 50:114].all() and found[0, 0, :32].sum() == found[0, 0, :, :42].sum() == 0
+    assert found[0].sum() <= 76 * 76 and found[1].sum() == 0  # a few pixels of margin: shifted windows match too
     plain = ConceptSubspace.from_text_encoder(load_preset(preset_file), sd.tokenizer, sd.text_encoder)
-    assert ConceptExclusionCallback(plain).preservation is None
+    assert ConceptExclusionCallback(plain).preservation is None and ConceptExclusionCallback(plain).locator is None
+    preserving = tmp_path / "p.toml"
+    preserving.write_text(load_preset(preset_file).toml_text + '\noutput_preservation = "base"\n')
+    sub = ConceptSubspace.from_text_encoder(load_preset(preserving), sd.tokenizer, sd.text_encoder)
+    assert ConceptExclusionCallback(sub).preservation.target == "base"
 
 
 class GradientRecorder(TrainerCallback):

@@ -217,19 +217,6 @@ def test_text_encoder_mismatch_and_training_are_refused(sd, sdxl, preset_file):
         net.apply_to(text_encoder, unet, True, True)
 
 
-def test_output_preservation_in_the_preset_is_named_as_not_applied(sd, tmp_path, caplog):
-    """A network module cannot change sd-scripts' loss: a preset asking for output preservation gets a warning."""
-    from concept_exclusion.integrations import kohya
-
-    preset = tmp_path / "preserving.toml"
-    preset.write_text(make_preset().toml_text + '\noutput_preservation = "base"\n', encoding="utf-8")
-    with caplog.at_level("WARNING"):
-        kohya.create_network(1.0, 4, 1.0, None, sd.text_encoder, sd.unet(), concept_tokenizer=str(sd.root),
-                             concept_preset=str(preset), base_network="lycoris.kohya", preset="attn-mlp",
-                             dropout=None)
-    assert "output_preservation='base'" in caplog.text and "only the projections apply" in caplog.text
-
-
 def test_wrapper_delegates_and_refuses_pickles(sd, preset_file, tmp_path):
     from concept_exclusion.integrations import kohya
 

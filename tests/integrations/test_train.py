@@ -256,3 +256,35 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
         assert len(set(seen)) == 6
     two_ranks = [batch_indices(0, n, 2, seed=1, rank=r, world=2) for r in (0, 1)]
     assert not set(two_ranks[0]) & set(two_ranks[1])
+
+
+@pytest.mark.parametrize("region", ["ignore", "base"])
+def test_regions_learn_nothing_where_the_concept_is(world, tmp_path, region):
+    """Every image of this data set is one of the preset's exemplars, so the concept covers every pixel: with
+    --regions the LoRA learns nothing at all (its up-projections stay exactly zero); with --regions off the same
+    run learns."""
+    import hashlib
+
+    data = write_captioned_images(tmp_path / "data", CAPTIONS[:4])
+    files = ", ".join(f'{{ path = "data/{p.name}", sha256 = "{hashlib.sha256(p.read_bytes()).hexdigest()}" }}'
+                      for p in sorted(data.glob("*.png")))
+    preset = tmp_path / "logo.toml"
+    preset.write_text(make_preset(targets='["attention"]').toml_text + f"\n[exemplars]\nfiles = [{files}]\n"
+                      f"dilate = 0\nregion = \"{region}\"\n")
+    for choice, learns in (("preset", False), ("off", True)):
+        out = tmp_path / choice
+        argv = _argv(world, out, "sd", "--max_steps", "3", "--regions", choice)
+        argv[argv.index("--data") + 1], argv[argv.index("--preset") + 1] = str(data), str(preset)
+        assert main(argv) == 0
+        tensors, _ = read_safetensors(out / "lora.safetensors")
+        ups = [v for k, v in tensors.items() if "lora_up" in k]
+        assert any(float(v.abs().max()) > 0 for v in ups) == learns
+
+
+def test_regions_need_exemplars_and_exclude_output_preservation(world, tmp_path, capsys):
+    assert main(_argv(world, tmp_path / "a", "sd", "--max_steps", "1", "--regions", "ignore")) == 2
+    assert "lists no exemplars" in capsys.readouterr().err
+    argv = _argv(world, tmp_path / "b", "sd", "--max_steps", "1", "--output_preservation", "scrub")
+    argv[argv.index("--preset") + 1] = "world-panda"
+    assert main(argv) == 2
+    assert "both change the loss" in capsys.readouterr().err and not (tmp_path / "b" / "lora.safetensors").exists()
