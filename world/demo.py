@@ -190,17 +190,19 @@ def main(args) -> int:
     worst = max(doc["uplift"][args.method].items(), key=lambda kv: kv[1])
     label = (dict(FAMILIES) | {"custom_rate": "your prompts"})[worst[0]]
     failed = [c["label"] for c in verdict["criteria"].values() if not c["ok"]]
+    how_often = (f"shows it at most {worst[1] * 100:+.0f} points more often ({label})" if worst[1] >= 0.005 else
+                 "shows it no more often in any family")
     print(f"\nSeed {args.seed}, {args.samples} samples per prompt set. Against the base model (it never saw the "
-          f"panda), {args.method} shows it at most {worst[1] * 100:+.0f} points more often ({label}). The bar "
-          f"(at most {FAMILY_UPLIFT * 100:.0f} points per family, {INVERSION_UPLIFT * 100:.0f} under inversion; "
-          f"purple, tiger and held-out loss kept): {'MET' if verdict['meets_bar'] else 'NOT MET: ' + ', '.join(failed)}"
-          f" (one seed; the benchmark's verdict, 5 seeds against a filtered fine-tune: benchmarks/RESULTS-evidence.md).")
+          f"panda), {args.method} {how_often}. The bar (at most {FAMILY_UPLIFT * 100:.0f} points per family, "
+          f"{INVERSION_UPLIFT * 100:.0f} under inversion; purple, tiger and held-out loss kept): "
+          f"{'MET' if verdict['meets_bar'] else 'NOT MET: ' + ', '.join(failed)} (one seed; the benchmark's verdict, "
+          f"5 seeds against a filtered fine-tune: benchmarks/RESULTS-evidence.md).")
     if "custom" in plain:
         print("Your prompts: " + ", ".join(f"{name} {m['custom']['leak_rate']:.0%}" for name, m in methods.items())
               + " of samples show the panda emblem.")
     print(f"Calibration of this world in this seed: {'ok' if doc['calibration_ok'] else 'FAILED'} "
-          f"({', '.join(k for k, g in gate['gates'].items() if not g['ok']) or 'all gates held'}; the control and "
-          f"filtering gates and the other seeds need the benchmark: benchmarks/RESULTS-evidence.md). "
+          f"({', '.join(k for k, g in gate['gates'].items() if not g['ok']) or 'all gates held'}; the filtered "
+          f"reference and the other seeds need the benchmark: benchmarks/RESULTS-evidence.md). "
           f"Wrote {grid}, {', '.join(lora_files.values())} in {doc['seconds']:.0f} s.")
     if args.json:
         write_json(doc, args.json)
