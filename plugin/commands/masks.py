@@ -24,7 +24,8 @@ def register(subparsers) -> None:
         "masks", help="write loss masks (kohya --masked_loss layout) for the concept's region in training images",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Find the preset's concept in every image of DATA (matched against the preset's exemplar "
-                    "images, whatever the captions say) and write one mask per image to --out: white where the "
+                    "images, or found by a local CLIPSeg segmenter with --segmenter, whatever the captions say) "
+                    "and write one mask per image to --out: white where the "
                     "model may learn, black where the concept is. Train with kohya's --masked_loss and "
                     "conditioning_data_dir = OUT in the subset, or read the masks in your own loop.",
         epilog="exit codes: 0 written, 2 unusable input (one line on stderr), 4 internal error")
@@ -32,6 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("--preset", required=True, help="a preset with [exemplars] (.toml or shipped name)")
     p.add_argument("--out", type=Path, required=True, help="the folder to write the masks to")
     p.add_argument("--recursive", action="store_true", help="also read images in sub-folders (masks keep the tree)")
+    p.add_argument("--segmenter", type=Path, help="find the concept with this local CLIPSeg folder (prompted with the "
+                                                  "preset's names and exemplars) instead of template matching")
+    p.add_argument("--segmenter-threshold", type=float, default=0.5,
+                   help="the segmenter's probability that marks a pixel (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=run)
 
@@ -68,9 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
     from concept_exclusion.concept.preset import load_preset
     from concept_exclusion.regions.locate import TemplateLocator
+    from concept_exclusion.regions.segment import SegmenterLocator
 
     preset = load_preset(args.preset)
-    locator = TemplateLocator.from_preset(preset)
+    if not 0.0 < args.segmenter_threshold <= 1.0:
+        raise DataError(f"--segmenter-threshold must be in (0, 1], got {args.segmenter_threshold}")
+    locator = (SegmenterLocator.from_pretrained(args.segmenter, preset, args.segmenter_threshold) if args.segmenter
+               else TemplateLocator.from_preset(preset))
     images = _images(args.data, args.recursive)
     out: Path = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:

@@ -179,3 +179,26 @@ def sdxl_pipeline(words: Iterable[str], folder: str | Path):
         text_encoder_2=clip_text_encoder(len(tok2), hidden_size=32, projection_dim=32, seed=2),
         tokenizer=tok1, tokenizer_2=tok2, unet=unet_sdxl(cross_attention_dim=64, pooled_dim=32),
         scheduler=EulerDiscreteScheduler(**SD_NOISE_SCHEDULE))
+
+
+def clipseg_folder(words: Iterable[str], folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random CLIPSeg (``CLIPSegForImageSegmentation`` and its processor) written to ``folder`` with
+    ``save_pretrained``, as a downloaded segmenter would be: load it back with ``from_pretrained``."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
+
+    folder = Path(folder)
+    tok = clip_tokenizer(words, folder / "tokenizer-src")
+    torch.manual_seed(seed)
+    config = CLIPSegConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16, reduce_dim=8, extract_layers=[1], decoder_num_attention_heads=2,
+        decoder_intermediate_size=16)
+    CLIPSegForImageSegmentation(config).save_pretrained(str(folder))
+    images = ViTImageProcessor(size={"height": image_size, "width": image_size}, do_normalize=True,
+                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    CLIPSegProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(folder))
+    return folder
