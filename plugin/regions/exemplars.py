@@ -50,10 +50,11 @@ def exemplar_images(preset: Preset) -> list[torch.Tensor]:
         try:
             if not path.is_file():
                 raise PresetError(f"{where}: no such file")
-            data = path.read_bytes()
+            with path.open("rb") as fh:
+                data = fh.read(MAX_EXEMPLAR_BYTES + 1)  # never more than the limit in memory
         except OSError as exc:
             raise PresetError(f"{where}: cannot read ({exc.strerror or exc})") from None
         if len(data) > MAX_EXEMPLAR_BYTES:
-            raise PresetError(f"{where}: {len(data)} bytes; an exemplar is at most {MAX_EXEMPLAR_BYTES}")
+            raise PresetError(f"{where}: larger than {MAX_EXEMPLAR_BYTES} bytes, the most an exemplar may be")
         out.append(read_exemplar(data, item, where))
     return out
