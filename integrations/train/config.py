@@ -86,7 +86,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--regions", default="preset", choices=("preset", "ignore", "base", "off"),
                    help="the concept's region in each image, found from the preset's exemplars whatever the caption "
                         "says: learn nothing there (ignore) or the frozen base's prediction (base); preset: the "
-                        "preset's [exemplars] region when it lists exemplars, else off")
+                        "preset's [exemplars] region when it lists exemplars (or a --segmenter is given), else off")
+    g.add_argument("--segmenter", default=None, help="find the concept with this local CLIPSeg folder (prompted with "
+                                                     "the preset's names and exemplars) instead of template matching")
+    g.add_argument("--segmenter_threshold", type=float, default=0.5,
+                   help="the segmenter's probability that marks a pixel as the concept's")
     g.add_argument("--clip_skip", type=int, default=None, help="kohya-style (1 = last layer, 2 = penultimate)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_every", type=int, default=0, help="write a checkpoint every N steps (0: never)")

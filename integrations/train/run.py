@@ -85,14 +85,14 @@ def run(args: argparse.Namespace) -> int:
             handler.close()
 
 
-def region_treatment(choice: str, preset) -> str:
-    """'ignore', 'base' or 'off' for ``--regions choice``: 'preset' reads the preset's [exemplars] region (off when
-    it lists none); asking for regions from a preset without exemplars is an error."""
+def region_treatment(choice: str, preset, segmenter: bool = False) -> str:
+    """'ignore', 'base' or 'off' for ``--regions choice``: 'preset' reads the preset's [exemplars] region (with a
+    segmenter but no exemplars: 'ignore'; else off); asking for regions with nothing to find them by is an error."""
     if choice == "preset":
-        return preset.exemplars.region if preset.exemplars is not None else "off"
-    if choice != "off" and preset.exemplars is None:
+        return preset.exemplars.region if preset.exemplars is not None else "ignore" if segmenter else "off"
+    if choice != "off" and preset.exemplars is None and not segmenter:
         raise ConceptExclusionError(f"--regions {choice}: the preset {preset.name} lists no exemplars to find the "
-                                    "concept with (add an [exemplars] table)")
+                                    "concept with (add an [exemplars] table, or pass --segmenter)")
     return choice
 
 
@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
 
     from concept_exclusion.exclusion import ConceptExclusion
     from concept_exclusion.preservation import OutputPreservation
-    from concept_exclusion.regions import TemplateLocator, latent_mask, region_loss
+    from concept_exclusion.regions import SegmenterLocator, TemplateLocator, latent_mask, region_loss
 
     from concept_exclusion.integrations.diffusers import encode_prompts, is_sdxl, save_lora, subspace_from_pipeline
 
@@ -116,8 +116,11 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     preset = load_preset(args.preset)
     chosen = args.output_preservation or preset.projection.output_preservation
     preservation = None if chosen == "none" else OutputPreservation.from_preset(preset, target=chosen)
-    region = region_treatment(args.regions, preset)
-    locator = None if region == "off" else TemplateLocator.from_preset(preset)
+    region = region_treatment(args.regions, preset, args.segmenter is not None)
+    locator = None
+    if region != "off":
+        locator = (SegmenterLocator.from_pretrained(args.segmenter, preset, args.segmenter_threshold)
+                   if args.segmenter else TemplateLocator.from_preset(preset))
     if locator is not None and preservation is not None:
         raise ConceptExclusionError(f"--regions {region} and output preservation ({chosen}) both change the loss; "
                                     "train applies one: pass --regions off or --output_preservation none")

@@ -76,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
     from concept_exclusion.regions.segment import SegmenterLocator
 
     preset = load_preset(args.preset)
-    if not 0.0 < args.segmenter_threshold <= 1.0:
-        raise DataError(f"--segmenter-threshold must be in (0, 1], got {args.segmenter_threshold}")
     locator = (SegmenterLocator.from_pretrained(args.segmenter, preset, args.segmenter_threshold) if args.segmenter
                else TemplateLocator.from_preset(preset))
     images = _images(args.data, args.recursive)

@@ -29,6 +29,8 @@ class SegmenterLocator:
                  threshold: float = 0.5, dilate: int = 1) -> None:
         if not texts and not exemplars:
             raise PresetError("a segmenter needs the concept's names or exemplar images to look for")
+        if not 0.0 < float(threshold) <= 1.0:
+            raise PresetError(f"the segmenter's threshold must be in (0, 1], got {threshold}")
         self.model, self.processor = model.eval().requires_grad_(False), processor
         self.texts, self.threshold, self.dilate = tuple(texts), float(threshold), int(dilate)
         self.exemplars = self._pixels(torch.stack([_square(e) for e in exemplars])) if exemplars else None

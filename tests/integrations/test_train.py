@@ -281,6 +281,20 @@ def test_regions_learn_nothing_where_the_concept_is(world, tmp_path, region):
         assert any(float(v.abs().max()) > 0 for v in ups) == learns
 
 
+def test_a_segmenter_finds_the_regions_from_the_presets_names(world, tmp_path):
+    """--segmenter: a local CLIPSeg (tiny, random) prompted with the preset's names, on a preset without exemplars;
+    at threshold 1e-9 every pixel is the concept's, so nothing is learned; at 1.0 nothing is, so the run learns."""
+    from concept_exclusion.testing.tiny import clipseg_folder
+
+    segmenter = clipseg_folder(WORDS, tmp_path / "seg")
+    for threshold, learns in (("1e-9", False), ("1.0", True)):
+        out = tmp_path / threshold
+        assert main(_argv(world, out, "sd", "--max_steps", "2", "--segmenter", str(segmenter),
+                          "--segmenter_threshold", threshold)) == 0
+        tensors, _ = read_safetensors(out / "lora.safetensors")
+        assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_up" in k) == learns
+
+
 def test_regions_need_exemplars_and_exclude_output_preservation(world, tmp_path, capsys):
     assert main(_argv(world, tmp_path / "a", "sd", "--max_steps", "1", "--regions", "ignore")) == 2
     assert "lists no exemplars" in capsys.readouterr().err
