@@ -77,6 +77,7 @@ class ConceptExclusionNetwork(nn.Module):
         self.options = AttachOptions(allow_text_encoder_training=bool(settings.get("allow_text_encoder_training")),
                                      reencode_every=int(settings.get("reencode_every", 100)))
         self._stamp: tuple | None = None
+        self.masked_loss: bool | None = None  # sd-scripts' --masked_loss, known once prepare_network has run
 
     # attribute delegation: every method the trainer may call and we do not wrap is the base's
     def __getattr__(self, name: str):
@@ -109,7 +110,8 @@ class ConceptExclusionNetwork(nn.Module):
         if not sdxl and _skip(clip_skip) != _skip(self.subspace.clip_skip):
             raise KohyaArgsError(f"--clip_skip {clip_skip} but the concept was encoded with clip_skip "
                                  f"{self.subspace.clip_skip}; set network_args concept_clip_skip={clip_skip}")
-        if not getattr(args, "masked_loss", False) and self.subspace.preset is not None:
+        self.masked_loss = bool(getattr(args, "masked_loss", False))
+        if not self.masked_loss and self.subspace.preset is not None:
             warn_unapplied(self.subspace.preset, "sd-scripts without --masked_loss", {"regions": REGIONS_REMEDY["kohya"]})
         if hasattr(self.base_network, "prepare_network"):
             self.base_network.prepare_network(args)
@@ -209,6 +211,8 @@ class ConceptExclusionNetwork(nn.Module):
         meta[PREFIX + "network_module"] = THIS_MODULE
         meta[PREFIX + "base_network"] = self.base_name
         meta[PREFIX + "lora_format"] = "kohya"
+        if self.masked_loss is not None:  # what sd-scripts was told; the masks themselves are not seen here
+            meta[PREFIX + "masked_loss"] = "true" if self.masked_loss else "false"
         return meta
 
     def save_weights(self, file, dtype, metadata):

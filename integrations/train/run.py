@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from concept_exclusion._version import __version__
 from concept_exclusion.concept.preset import load_preset
 from concept_exclusion.errors import ConceptExclusionError
+from concept_exclusion.metadata import PREFIX
 from concept_exclusion.integrations.train.checkpoint import (checkpoint_path, find_checkpoint, load_checkpoint,
                                                              prune_checkpoints, remove_stale_temporaries,
                                                              save_checkpoint)
@@ -124,11 +125,12 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
     if locator is not None and preservation is not None:
         raise ConceptExclusionError(f"--regions {region} and output preservation ({chosen}) both change the loss; "
                                     "train applies one: pass --regions off or --output_preservation none")
-    regions = None
+    regions, regions_record = None, {"region": region}
     if locator is not None:
         regions = concept_regions(locator, examples, args.resolution, accelerator.is_local_main_process)
-        log.info("regions (%s): the concept was found in %d of %d images", region,
-                 int(regions.flatten(1).any(1).sum()), len(examples))
+        regions_record.update(locator="segmenter" if args.segmenter else "template",
+                              found_in=int(regions.flatten(1).any(1).sum()), images=len(examples))
+        log.info("regions: %s", regions_record)
     set_seed(args.seed)
     pipe = load_pipeline(args.base, args.base_config, args.local_files_only)
     sdxl = is_sdxl(pipe)
@@ -266,7 +268,8 @@ def _train(args: argparse.Namespace, output: Path, accelerator) -> int:
         return 0
     leak = exclusion.max_leakage()
     lora_path = save_lora(unet, output / f"{args.output_name}.safetensors", exclusion, format=args.format,
-                          dtype=SAVE_DTYPES[args.save_dtype])
+                          dtype=SAVE_DTYPES[args.save_dtype],
+                          extra_metadata={PREFIX + "regions": json.dumps(regions_record, sort_keys=True)})
     log.info("saved %s (%s layout), leakage max %.3e, %.1f s of training", lora_path, args.format, leak,
              time.time() - started)
     samples = write_samples(pipe, args, examples, preset, output, accelerator)

@@ -33,9 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--preset", required=True, help="a preset with [exemplars] (.toml or shipped name)")
     p.add_argument("--out", type=Path, required=True, help="the folder to write the masks to")
     p.add_argument("--recursive", action="store_true", help="also read images in sub-folders (masks keep the tree)")
-    p.add_argument("--segmenter", type=Path, help="find the concept with this local CLIPSeg folder (prompted with the "
+    p.add_argument("--segmenter", type=Path, metavar="FOLDER", help="find the concept with this local CLIPSeg folder (prompted with the "
                                                   "preset's names and exemplars) instead of template matching")
-    p.add_argument("--segmenter-threshold", type=float, default=0.5,
+    p.add_argument("--segmenter-threshold", type=float, default=0.5, metavar="P",
                    help="the segmenter's probability that marks a pixel (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=run)

@@ -73,6 +73,8 @@ def test_exemplar_regions_are_named_with_their_remedy_until_kohya_masks_the_loss
     with caplog.at_level(logging.WARNING):
         net.prepare_network(argparse.Namespace(clip_skip=None, save_model_as="safetensors", masked_loss=True))
     assert not _warnings(caplog)
+    net.apply_to(sd.text_encoder, net.unet, False, True)
+    assert net.provenance()["concept_exclusion.masked_loss"] == "true"  # recorded in the file sd-scripts saves
 
 
 def test_no_warning_when_the_preset_keeps_the_loss(sd, tmp_path, caplog):

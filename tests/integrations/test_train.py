@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -276,9 +277,12 @@ def test_regions_learn_nothing_where_the_concept_is(world, tmp_path, region):
         argv = _argv(world, out, "sd", "--max_steps", "3", "--regions", choice)
         argv[argv.index("--data") + 1], argv[argv.index("--preset") + 1] = str(data), str(preset)
         assert main(argv) == 0
-        tensors, _ = read_safetensors(out / "lora.safetensors")
+        tensors, meta = read_safetensors(out / "lora.safetensors")
         ups = [v for k, v in tensors.items() if "lora_up" in k]
         assert any(float(v.abs().max()) > 0 for v in ups) == learns
+        record = json.loads(meta["concept_exclusion.regions"])  # what inspect shows: the loss side, recorded
+        assert record == ({"region": "off"} if choice == "off" else
+                          {"region": region, "locator": "template", "found_in": 4, "images": 4})
 
 
 def test_a_segmenter_finds_the_regions_from_the_presets_names(world, tmp_path):
