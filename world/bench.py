@@ -8,7 +8,6 @@ from, and the command that made it.
 
 from __future__ import annotations
 
-import logging
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,6 @@ from .text import ENCODER_NAME
 from .train import TrainConfig, finetune
 from .uplift import REFERENCE, calibration, judge
 
-log = logging.getLogger(__name__)
 FORMAT = "concept-exclusion-evidence/4"
 WORLD = "3.3"
 

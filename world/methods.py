@@ -32,6 +32,10 @@ class Method:
     preset: str = "world-panda"
     baseline: bool = False
 
+    def __post_init__(self) -> None:
+        if self.masks is not None and self.preserve is not None:
+            raise ValueError(f"{self.name}: masks and output preservation both replace the loss; pick one")
+
 
 BASELINES = (
     Method("plain", "plain LoRA fine-tuning on all data", baseline=True),
