@@ -185,6 +185,7 @@ ALLOWED = {
     ("plugin/safeio.py", "write_safetensors"): "writes to the atomic_path temporary",
     ("plugin/testing/tiny.py", "write_clip_tokenizer"): "test/demo fixture files, regenerated on every run",
     ("plugin/testing/tiny.py", "clip_tokenizer"): "test/demo fixture files, regenerated on every run",
+    ("plugin/testing/tiny.py", "clipseg_folder"): "test fixture files (a tiny random segmenter), regenerated on every run",
     ("plugin/testing/tiny_mmdit.py", "t5_tokenizer"): "test fixture files, regenerated on every run",
     ("integrations/train/run.py", "_setup_log"): "train.log is an append-only log stream, not an artifact",
     ("integrations/kohya/network.py", "save_weights"): "the base network writes to a mkstemp temporary, renamed with "
