@@ -6,7 +6,8 @@ benchmarks/results/.
     python benchmarks/evidence.py --seeds 0,1 --methods exemplar-masks,preserve-base
     python benchmarks/evidence_report.py                           # benchmarks/RESULTS-evidence.md from the JSONs
 
-plain and filter are always run (the gate and the bar need them). Several processes may run at once on different
+plain and filter are run too (the gate and the bar need them) unless ``--skip-references`` says their runs for
+these seeds are in other files. Several processes may run at once on different
 seeds (one thread each); the report merges their files. ``--out`` elsewhere (e.g. /tmp) keeps exploratory runs
 out of the committed results.
 """
@@ -41,13 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the result JSON")
     parser.add_argument("--name", help="result file name (default: evidence-<seeds>-<time>.json)")
+    parser.add_argument("--skip-references", action="store_true",
+                        help="do not re-run filter and plain (their runs for these seeds are in other result files; "
+                             "the report judges each method on the seeds all three were measured in)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
-    methods = tuple(m for m in ("filter", "plain") if m not in methods) + methods
+    if not args.skip_references:
+        methods = tuple(m for m in ("filter", "plain") if m not in methods) + methods
     seeds = tuple(int(s) for s in args.seeds.split(","))
     cfg = BenchConfig(methods=methods, seeds=seeds, train=TrainConfig(steps=args.steps))
     command = "python benchmarks/evidence.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

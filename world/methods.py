@@ -31,6 +31,7 @@ class Method:
     preserve_weight: float = 1.0
     preset: str = "world-panda"
     baseline: bool = False
+    guard: bool = False  # exemplar-gradient projection of every update (world/guard.py)
 
     def __post_init__(self) -> None:
         if self.masks is not None and self.preserve is not None:
@@ -70,6 +71,8 @@ OURS = (
            "nothing learned from its region", masks="exemplars"),
     Method("exemplar-masks+exact", "exemplar-masks with exact-attention (the weights' constraint, audited in files)",
            masks="exemplars", mode="exact"),
+    Method("exemplar-gradient", "every update kept orthogonal to the directions that lower exemplars' loss more "
+           "than their controls' (OGD on the update; exemplars: pasted pandas of another world seed)", guard=True),
     Method("exemplar-region-base", "exemplar-masks, but the region is taught the frozen base model's prediction",
            masks="exemplars", region="base"),
 )

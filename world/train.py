@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from concept_exclusion import ConceptExclusion, ConceptSubspace, OutputPreservation
 from concept_exclusion.regions import TemplateLocator, region_loss
 from .base import Base
+from .guard import ExemplarGradientGuard
 from .methods import Method
 from .model import noisy, scheduler
 from .presets import world_preset
@@ -111,6 +112,7 @@ def finetune(base: Base, method: Method, seed: int, config: TrainConfig = TrainC
     if method.preserve is not None:
         preservation = OutputPreservation.from_preset(world_preset(method.preset), target=method.preserve,
                                                       weight=method.preserve_weight)
+    guard = ExemplarGradientGuard(model, params, base.text.encode([""]), seed) if method.guard else None
     gen = torch.Generator().manual_seed(seed)
     sched = scheduler()
     model.train()
@@ -136,7 +138,11 @@ def finetune(base: Base, method: Method, seed: int, config: TrainConfig = TrainC
             loss = torch.nn.functional.mse_loss(model(xt, t, base.text.encode(batch_captions)), x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if guard is not None:
+            guard.before_step()
         opt.step()
+        if guard is not None:
+            guard.after_step()
         losses.append(loss.item())
     if exclusion is not None:
         exclusion.uninstall()
