@@ -15,6 +15,7 @@ resumed from a checkpoint keeps the original ``W0`` (restored from the checkpoin
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,9 +197,10 @@ class ConceptExclusionCallback(TrainerCallback, ExportableState):
         preset = self.subspace.preset
         return None if preset is None else OutputPreservation.for_preset(preset)
 
-    @property
+    @functools.cached_property
     def locator(self) -> TemplateLocator | None:
-        """The locator of the preset's exemplars (``[exemplars]``), or None when it lists none."""
+        """The locator of the preset's exemplars (``[exemplars]``), or None when it lists none; built once (it reads
+        and hashes the exemplar files), as ``compute_loss`` asks for it on every step."""
         preset = self.subspace.preset
         return None if preset is None or preset.exemplars is None else TemplateLocator.from_preset(preset)
 

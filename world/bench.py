@@ -47,15 +47,16 @@ def sample_counts(cfg: EvalConfig, attack: InversionConfig, custom: int = 0) -> 
             "inversion_rate": attack.samples, "custom_rate": custom}
 
 
-def measure(model, base: Base, seed: int, cfg: BenchConfig) -> dict:
+def measure(model, base: Base, seed: int, cfg: BenchConfig, keep_samples: bool = False) -> dict:
     """Every figure of one model in one seed: the prompt families and the inversion attack (flat, as the bootstrap
-    reads them)."""
+    reads them); with ``keep_samples`` the samples per prompt set and the attack's under ``_samples``."""
     t0 = time.time()
-    figures = evaluate(model, base.text, seed, cfg.evaluation, cfg.custom_prompts)
-    custom = figures.pop("custom", None)
-    if custom is not None:
-        figures["custom_rate"] = custom["leak_rate"]
-    attack = inversion_rate(model, base.text, seed, cfg.attack)
+    figures = evaluate(model, base.text, seed, cfg.evaluation, cfg.custom_prompts, keep_samples=keep_samples)
+    if "custom" in figures:
+        figures["custom_rate"] = figures["custom"]["leak_rate"]
+    attack = inversion_rate(model, base.text, seed, cfg.attack, keep_samples=keep_samples)
+    if keep_samples:
+        figures["_samples"]["inversion"] = attack["_samples"]
     figures.update(inversion_rate=attack["rate"], inversion_final_loss=attack["final_loss"],
                    eval_seconds=round(time.time() - t0, 1))
     return figures

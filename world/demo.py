@@ -138,10 +138,9 @@ def main(args) -> int:
     from .grid import grid_png
     from .methods import METHODS
     from .bench import sample_counts
-    from .inversion import InversionConfig
     from .text import ENCODER_NAME, ENCODER_SHA256, WorldError, model_folder, verified_weights
     from .uplift import calibration, judge
-    from .worker import eval_config
+    from .worker import demo_config
 
     if args.method not in METHODS or args.method == "plain":
         raise WorldError(f"--method: unknown method {args.method!r} (known: {', '.join(m for m in METHODS if m != 'plain')})")
@@ -167,7 +166,8 @@ def main(args) -> int:
                     out / "grid.png")
     # one seed, no filtered model: the base model (it never saw the panda either) is the reference here
     runs = {"plain": [plain], "base": [figures["base"]], args.method: [ours]}
-    counts = sample_counts(eval_config(args.samples), InversionConfig(samples=max(4, args.samples)))
+    cfg = demo_config(args.samples)
+    counts = sample_counts(cfg.evaluation, cfg.attack)
     gate = calibration({str(args.seed): figures["base"]}, runs, counts, reference="base")
     verdict = judge(args.method, runs, counts, reference="base")
     doc = {

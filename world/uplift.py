@@ -89,8 +89,13 @@ def calibration(base: Mapping[str, Mapping[str, float]], runs: Runs, counts: Map
     return {"gates": gates, "ok": all(g["ok"] for g in gates.values())}
 
 
+def largest_uplift(verdict: dict) -> dict:
+    """The criterion of the family in which a judged method exceeds the reference most."""
+    families_ = [c for k, c in verdict["criteria"].items() if k in dict(FAMILIES) or k == "custom_rate"]
+    return max(families_, key=lambda c: c["value"])
+
+
 def passing(verdicts: Mapping[str, dict], candidates: Sequence[str]) -> list[str]:
     """The ``candidates`` that meet the bar, smallest largest uplift first."""
-    worst = {m: max(c["value"] for k, c in v["criteria"].items() if k in dict(FAMILIES) or k == "custom_rate")
-             for m, v in verdicts.items() if m in candidates and v["meets_bar"]}
+    worst = {m: largest_uplift(v)["value"] for m, v in verdicts.items() if m in candidates and v["meets_bar"]}
     return sorted(worst, key=worst.get)

@@ -17,20 +17,23 @@ import os
 from pathlib import Path
 
 
-def eval_config(samples: int):
+def demo_config(samples: int, custom: tuple[str, ...] = ()):
+    """The demo's measurement: ``samples`` per prompt set, the benchmark's attack with as many samples."""
+    from .bench import BenchConfig
+    from .inversion import InversionConfig
     from .measure import EvalConfig
 
     n = samples
-    return EvalConfig(n=n, n_empty=max(2, n // 2), n_new=max(2, n // 2), n_heldout=max(8, n * 3))
+    return BenchConfig(methods=(), seeds=(), custom_prompts=custom, attack=InversionConfig(samples=max(4, n)),
+                       evaluation=EvalConfig(n=n, n_empty=max(2, n // 2), n_new=max(2, n // 2), n_heldout=max(8, n * 3)))
 
 
 def run_one(method: str, seed: int, out: Path, steps: int | None, samples: int, custom: tuple[str, ...]) -> Path:
     from safetensors.torch import save_file
 
     from .base import load_base
+    from .bench import measure
     from .export import save_lora
-    from .inversion import InversionConfig, inversion_rate
-    from .measure import evaluate
     from .methods import METHODS
     from .train import TrainConfig, finetune
 
@@ -41,14 +44,10 @@ def run_one(method: str, seed: int, out: Path, steps: int | None, samples: int, 
                       progress=False)
         save_lora(ft, out / f"lora-{method}.safetensors")
         model, seconds = ft.model, ft.seconds
-    figures = evaluate(model, base.text, seed, eval_config(samples), custom, keep_samples=True)
+    cfg = demo_config(samples, custom)
+    figures = measure(model, base, seed, cfg, keep_samples=True)
     samples_by_set = figures.pop("_samples")
-    attack = inversion_rate(model, base.text, seed, InversionConfig(samples=max(4, samples)), keep_samples=True)
-    samples_by_set["inversion"] = attack.pop("_samples")
-    figures["inversion"] = {"rate": attack["rate"], "steps": attack["steps"]}
-    figures["inversion_rate"] = attack["rate"]
-    if "custom" in figures:
-        figures["custom_rate"] = figures["custom"]["leak_rate"]
+    figures["inversion"] = {"rate": figures["inversion_rate"], "steps": cfg.attack.steps}
     save_file({k: v.contiguous() for k, v in samples_by_set.items() if len(v)}, str(out / f"samples-{method}.safetensors"))
     figures["train_seconds"], figures["seed"] = round(seconds, 1), seed
     path = out / f"figures-{method}.json"

@@ -69,8 +69,7 @@ class TemplateLocator:
     def masks(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 1, H, W] float masks (1: the concept) of ``images`` [n, 3, H, W] in [-1, 1], on their device (sums
         in float64: summed-area tables of a 1024-pixel image lose the windows' contrast in float32)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [n, 3, H, W], got shape {tuple(images.shape)}")
+        check_images(images)
         n, _, height, width = images.shape
         out = torch.zeros(n, 1, height, width, device=images.device)
         for template in self.templates:
@@ -80,10 +79,18 @@ class TemplateLocator:
             hits = (self.correlation(images, template) >= self.threshold).double()[:, None]
             covered = _box_sum(F.pad(hits, (w - 1, w - 1, h - 1, h - 1)), h, w)  # hits whose window holds a pixel
             out = torch.maximum(out, (covered > 0.5).float())
-        if self.dilate:
-            k = 2 * self.dilate + 1
-            out = F.max_pool2d(out, k, stride=1, padding=self.dilate)
-        return out
+        return grow(out, self.dilate)
+
+
+def check_images(images: torch.Tensor) -> None:
+    """What every locator takes: ``images`` [n, 3, H, W]."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [n, 3, H, W], got shape {tuple(images.shape)}")
+
+
+def grow(masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """``masks`` [n, 1, H, W] with every marked region grown by ``pixels`` (a square neighbourhood)."""
+    return F.max_pool2d(masks, 2 * pixels + 1, stride=1, padding=pixels) if pixels else masks
 
 
 def _box_sum(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from concept_exclusion.concept.preset import Preset, load_preset
 from concept_exclusion.errors import PresetError
 from concept_exclusion.regions.exemplars import exemplar_images
+from concept_exclusion.regions.locate import check_images, grow
 
 
 class SegmenterLocator:
@@ -76,14 +77,10 @@ class SegmenterLocator:
 
     def masks(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 1, H, W] float masks (1: the concept) of ``images`` [n, 3, H, W] in [-1, 1], on their device."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [n, 3, H, W], got shape {tuple(images.shape)}")
+        check_images(images)
         best = self.probabilities(images).amax(dim=1, keepdim=True).float()
         best = F.interpolate(best, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        out = (best >= self.threshold).float()
-        if self.dilate:
-            out = F.max_pool2d(out, 2 * self.dilate + 1, stride=1, padding=self.dilate)
-        return out.to(images.device)
+        return grow((best >= self.threshold).float(), self.dilate).to(images.device)
 
 
 def _square(image: torch.Tensor) -> torch.Tensor:
