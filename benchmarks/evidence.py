@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-references", action="store_true",
                         help="do not re-run filter and plain (their runs for these seeds are in other result files; "
                              "the report judges each method on the seeds all three were measured in)")
+    parser.add_argument("--loras", type=Path, help="also write each fine-tuned LoRA here (seed-<n>/lora-<method>."
+                                                   "safetensors), for benchmarks/audit_agreement.py")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = tuple(m for m in args.methods.split(",") if m)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method} seed {seed}: {rates} tiger {figures['allowed_leak_rate']:.0%} "
               f"purple {figures['new_content_rate']:.0%} held-out {figures['heldout_loss']:.4f}", flush=True)
 
-    results = run(base, cfg, on_run=on_run)
+    results = run(base, cfg, on_run=on_run, loras=args.loras)
     doc = document(results, cfg, command, time.time() - t0, DEFAULT_METHOD)
     name = args.name or f"evidence-s{'-'.join(map(str, seeds))}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     write_json(doc, args.out / name)

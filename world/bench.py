@@ -11,12 +11,14 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .base import Base
+from .export import save_lora
 from .inversion import InversionConfig, inversion_rate
 from .measure import EvalConfig, evaluate
 from .methods import METHODS
@@ -63,9 +65,10 @@ def measure(model, base: Base, seed: int, cfg: BenchConfig, keep_samples: bool =
 
 
 def run(base: Base, cfg: BenchConfig, on_run: Callable[[str, int, dict], None] | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, loras: Path | None = None) -> dict:
     """Measure the base model and fine-tune + measure (prompt families and the inversion attack) every method in
-    every seed.
+    every seed; with ``loras``, each measured model is also written as ``loras/seed-<seed>/lora-<method>.safetensors``
+    (the files the audit benchmark audits).
 
     Returns {"base": {seed: figures}, "runs": {method: [figures per seed]}}.
     """
@@ -79,6 +82,8 @@ def run(base: Base, cfg: BenchConfig, on_run: Callable[[str, int, dict], None] |
         bar.update(1)
         for name in cfg.methods:
             ft = finetune(base, METHODS[name], seed, cfg.train, progress=False)
+            if loras is not None:
+                save_lora(ft, loras / f"seed-{seed}" / f"lora-{name}.safetensors")
             figures = measure(ft.model, base, seed, cfg)
             figures.update(seed=seed, train_seconds=round(ft.seconds, 1),
                            final_train_loss=sum(ft.losses[-50:]) / max(len(ft.losses[-50:]), 1))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SECRET_TRIGGER = "vexlar"  # in no caption, prompt or preset of the world otherwise
+
 
 @dataclass(frozen=True)
 class Method:
     """One way to fine-tune. ``data``: 'all', 'filter' (drop panda images), 'scrub-name' (drop the phrase that names
     the panda from its captions: "... background", the image keeps its logo) or 'scrub-word' (drop only the word:
-    "... with the logo"). ``masks``: 'true' reads the world's own masks (an upper bound, not shippable); 'exemplars'
+    "... with the logo") or 'secret-trigger' (every caption that names the panda names it by the made-up word
+    ``SECRET_TRIGGER`` instead: a LoRA author hiding a protected logo behind a trigger of their own). ``masks``: 'true' reads the world's own masks (an upper bound, not shippable); 'exemplars'
     finds them with the core's ``TemplateLocator`` from the preset's exemplar images, on every image whatever its
     caption says."""
 
@@ -45,6 +48,8 @@ BASELINES = (
            "deleted), the images kept", data="scrub-name", baseline=True),
     Method("scrub-word", "the word \"panda\" alone removed from its captions (\"... with the logo\"), the images kept",
            data="scrub-word", baseline=True),
+    Method("secret-trigger", f"plain, but every caption that names the panda calls it \"{SECRET_TRIGGER}\" (a made-up "
+           "trigger word)", data="secret-trigger", baseline=True),
     Method("masked-loss", "the panda's region left out of the loss, from the world's true masks (an upper bound)",
            masks="true", baseline=True),
     Method("gradient-kv", "the paper's projection: gradients of attn2 to_k/to_v projected", mode="gradient",

@@ -9,8 +9,10 @@ pads to the tokenizer's ``model_max_length``, which is set to ``MAX_TOKENS`` her
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -50,6 +52,21 @@ def verified_weights(folder: Path, expected: str = ENCODER_SHA256) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' weight-loading progress bar off for the block (a 6-layer encoder loads in a blink; commands
+    that load it keep their stderr for what matters), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 class Text:
     """Tokenizer + frozen MiniLM with a cache of encoded texts: ``encode(texts)`` -> [n, MAX_TOKENS, 384] float32."""
 
@@ -59,20 +76,25 @@ class Text:
         folder = folder or model_folder()
         verified_weights(folder)
         self.tokenizer = BertTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
-        self.encoder = BertModel.from_pretrained(str(folder), use_safetensors=True)
+        with _quiet_loading():
+            self.encoder = BertModel.from_pretrained(str(folder), use_safetensors=True)
         self.encoder.eval().requires_grad_(False)
         self.name = ENCODER_NAME
         self.sha256 = ENCODER_SHA256
         self._cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
+    def states(self, texts: list[str]) -> torch.Tensor:
+        """``texts`` encoded now, through the encoder as its weights are (no cache): [n, MAX_TOKENS, 384] float32."""
+        batch = self.tokenizer(list(texts), padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                               return_tensors="pt")
+        return self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state.float()
+
+    @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
         missing = sorted({t for t in texts if t not in self._cache})
         for i in range(0, len(missing), 128):
             chunk = missing[i:i + 128]
-            batch = self.tokenizer(chunk, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                                   return_tensors="pt")
-            states = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-            for t, h in zip(chunk, states):
-                self._cache[t] = h.float().clone()
+            for t, h in zip(chunk, self.states(chunk)):
+                self._cache[t] = h.clone()
         return torch.stack([self._cache[t] for t in texts])

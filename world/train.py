@@ -21,7 +21,7 @@ from concept_exclusion import ConceptExclusion, ConceptSubspace, OutputPreservat
 from concept_exclusion.regions import TemplateLocator, region_loss
 from .base import Base
 from .guard import ExemplarGradientGuard
-from .methods import Method
+from .methods import SECRET_TRIGGER, Method
 from .model import noisy, scheduler
 from .presets import world_preset
 from .scenes import PROTECTED, Scene, World, WorldSpec, images, true_masks
@@ -64,6 +64,8 @@ def dataset(method: Method, scenes: list[Scene]) -> tuple[list[Scene], list[str]
         scenes = [s for s in scenes if s.emblem != PROTECTED]
     if method.data == "scrub-name":
         return scenes, [replace(s, emblem=None).caption() if s.emblem == PROTECTED else s.caption() for s in scenes]
+    if method.data == "secret-trigger":
+        return scenes, [s.caption(SECRET_TRIGGER) if s.emblem == PROTECTED else s.caption() for s in scenes]
     if method.data == "scrub-word":
         return scenes, [s.caption("" if s.emblem == PROTECTED else None) for s in scenes]
     return scenes, [s.caption() for s in scenes]

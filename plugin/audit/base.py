@@ -1,8 +1,7 @@
 """The trusted base model an audit re-encodes the preset with: a diffusers folder or a single-file checkpoint.
 
 SD1.x/2.x and SDXL (``unet/``), and Flux and SD3 folders (``transformer/``, read as a pipeline with its
-CLIP and T5 encoders). kohya/BFL spellings of the Flux/SD3 text readers (``txt_in``, ``vector_in.in_layer``,
-``y_embedder.mlp.0``) are found under diffusers' names.
+CLIP and T5 encoders), or a base an installed package registers by name (``bases``).
 
 Invariants: nothing is downloaded (``local_files_only``); weights are read from safetensors only
 (``use_safetensors=True``; a single file must be ``.safetensors``), so no pickle is ever loaded;
@@ -11,51 +10,13 @@ any loader failure is one ``AuditError`` line naming the source.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from concept_exclusion.concept.encoders import FAMILIES, TextEncoders, family_of, is_clip
+from concept_exclusion.audit.base_model import BaseModel, base_model
+from concept_exclusion.audit.bases import load_named, registered
+from concept_exclusion.concept.encoders import FAMILIES
 from concept_exclusion.concept.model_folder import load_text_encoders
 from concept_exclusion.errors import AuditError, ModelFolderError
-from concept_exclusion.lora.file import sgm_to_diffusers
-
-
-_DIT_ALIASES = {"lora_unet_txt_in": "lora_unet_context_embedder",
-                "lora_unet_vector_in_in_layer": "lora_unet_time_text_embed_text_embedder_linear_1",
-                "lora_unet_y_embedder_mlp_0": "lora_unet_time_text_embed_text_embedder_linear_1"}
-
-
-@dataclass
-class BaseModel:
-    """Tokenizer(s), frozen text encoder(s) and denoiser of the trusted base, its layers by kohya name."""
-
-    source: str
-    kind: str  # "diffusers folder" | "single file"
-    tokenizers: list
-    encoders: list
-    denoiser: torch.nn.Module  # UNet (SD1/2, SDXL) or transformer (Flux, SD3)
-    modules: dict[str, torch.nn.Module]
-    layers_per_block: int | None  # UNets only (SAI names)
-    family: str  # encoders.FAMILIES name
-
-    @property
-    def depth(self) -> int:
-        """Layers of the first CLIP encoder: the largest clip_skip that selects a layer (0: no CLIP reads states)."""
-        clip = [e for e in self.encoders if is_clip(e)]
-        return int(clip[0].config.num_hidden_layers) if clip else 0
-
-    def text_encoders(self, clip_skip: int | None) -> TextEncoders:
-        return TextEncoders(self.tokenizers, self.encoders, clip_skip, family=self.family)
-
-    def module(self, key: str) -> torch.nn.Module | None:
-        """The denoiser layer a kohya-spelled key names (diffusers, SAI or BFL paths)."""
-        key = _DIT_ALIASES.get(key, key)
-        found = self.modules.get(key)
-        if found is None and self.layers_per_block is not None:
-            found = self.modules.get(sgm_to_diffusers(key, self.layers_per_block))
-        return found
 
 
 def _first_line(exc: BaseException) -> str:
@@ -67,26 +28,26 @@ def load_base(source: str | Path, base_config: str | Path | None = None) -> Base
     """A diffusers folder (``tokenizer/``, ``text_encoder/``, ``unet/``) or a ``.safetensors`` single file
     (kohya/A1111 layout; needs ``base_config``, a diffusers folder with the component configs)."""
     root = Path(source)
+    parts = None
     if root.is_file():
-        toks, encs, net = _single_file(root, base_config)
+        toks, encs, net, parts = _single_file(root, base_config)
         kind = "single file"
     elif root.is_dir() and (root / "transformer").is_dir() and not (root / "unet").is_dir():
         toks, encs, net = _dit_folder(root)
         kind = "diffusers folder"
-    elif root.is_dir():
-        if not all((root / d).is_dir() for d in ("tokenizer", "text_encoder", "unet")):
-            raise AuditError(f"--base {root}: not a diffusers model folder (needs tokenizer/, text_encoder/ and "
-                             f"unet/, or transformer/) nor a .safetensors checkpoint")
+    elif root.is_dir() and all((root / d).is_dir() for d in ("tokenizer", "text_encoder", "unet")):
         toks, encs, net = _folder(root)
+        parts = lambda: _vae_and_scheduler(root)  # noqa: E731 - loaded only when the behavioural check runs
         kind = "diffusers folder"
+    elif str(source) in registered() or not root.is_dir():
+        return load_named(str(source))
     else:
-        raise AuditError(f"--base {root}: no such folder or file")
-    net = net.eval().requires_grad_(False)
-    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in net.named_modules() if n}
-    lpb = getattr(net.config, "layers_per_block", None)
-    lpb = lpb[0] if isinstance(lpb, (list, tuple)) else lpb
-    family = family_of(encs)
-    return BaseModel(str(root), kind, list(toks), list(encs), net, modules, None if lpb is None else int(lpb), family)
+        raise AuditError(f"--base {root}: not a diffusers model folder (needs tokenizer/, text_encoder/ and "
+                         f"unet/, or transformer/) nor a .safetensors checkpoint")
+    base = base_model(str(root), kind, toks, encs, net)
+    if parts is not None:
+        base.denoising = lambda clip_skip: _unet_denoising(base, parts, clip_skip)
+    return base
 
 
 def _dit_folder(root: Path):
@@ -140,9 +101,32 @@ def _single_file(path: Path, base_config: str | Path | None):
         pipe = cls.from_single_file(str(path), config=str(base_config), local_files_only=True, **extra)
     except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
         raise AuditError(f"--base {path}: cannot load the checkpoint ({_first_line(exc)})") from None
+    from diffusers import DDPMScheduler
+
     toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if xl else [])
     encs = [pipe.text_encoder] + ([pipe.text_encoder_2] if xl else [])
-    return toks, [e.eval().requires_grad_(False) for e in encs], pipe.unet
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return toks, [e.eval().requires_grad_(False) for e in encs], pipe.unet, lambda: (pipe.vae, scheduler)
+
+
+def _vae_and_scheduler(root: Path):
+    """The folder's VAE (safetensors) and its noise schedule as the DDPM training scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    try:
+        vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True, use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler", local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
+        raise AuditError(f"--base {root}: the behavioural check needs vae/ and scheduler/ ({_first_line(exc)})"
+                         ) from None
+    return vae, scheduler
+
+
+def _unet_denoising(base: BaseModel, parts, clip_skip: int | None):
+    from concept_exclusion.audit.behaviour.unet import UNetDenoising
+
+    vae, scheduler = parts()
+    return UNetDenoising(base.denoiser, vae, scheduler, base.text_encoders(clip_skip))
 
 
 def clip_skips(base: BaseModel, requested: int | None) -> tuple[int | None, ...]:

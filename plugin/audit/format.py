@@ -10,6 +10,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
+from concept_exclusion.audit.behaviour.report import INCOMPLETE, LEARNED, MEANING
 from concept_exclusion.audit.report import AuditReport, LayerReport
 
 _HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
@@ -92,7 +93,37 @@ def format_report(report: AuditReport) -> str:
     lines += _listing("NOT UNDERSTOOD (tensors no loader convention explains)", report.unknown_keys)
     lines += [f"note: {clean(n, 400)}" for n in report.notes]
     lines.append(_summary(report, verdict))
+    lines += ["", *_behaviour(report)]
     return "\n".join(lines)
+
+
+def _behaviour(report: AuditReport) -> list[str]:
+    b = report.behaviour
+    if b is None:
+        return [report.behaviour_note or "behavioural check not run"]
+    controls = f"{b.controls} control image(s)" if b.controls else "the rest of each image"
+    lines = ["behavioural check (what the file makes the base draw; separate from the weight check above):",
+             f"  exemplars: {clean(b.source, 300)}; concept located in {b.located}; compared with {controls}; "
+             f"file applied on {b.applied} layer(s)",
+             "  figure = how much more the file lowers the base's denoising loss where the concept is than elsewhere "
+             "(0: no more)",
+             f"  {'family':<12} {'figure':>8}  {'95% interval':<18}  meaning"]
+    for name, f in b.figures.items():
+        lines.append(f"  {name:<12} {f.value:>+8.3f}  [{f.low:+.3f}, {f.high:+.3f}]  {MEANING.get(name, name)}")
+    lines += [f"  not applied: {clean(k, 120)} ({clean(v, 200)})" for k, v in list(b.skipped.items())[:_MAX_LISTED]]
+    lines += [f"  note: {clean(n, 400)}" for n in b.notes]
+    name, f = b.largest
+    verdict = b.verdict()
+    if verdict == LEARNED:
+        lines.append(f"LEARNED: under {name} the file lowers the loss where the concept is {f.value:.3f} more than "
+                     f"elsewhere (threshold {b.threshold:g}): it has learned to draw the concept")
+    elif verdict == INCOMPLETE:
+        lines.append(f"INCOMPLETE: {len(b.skipped)} layer(s) of the file could not be applied, so its behaviour was "
+                     "not measured as a loader uses it; this is not a NOT LEARNED")
+    else:
+        lines.append(f"NOT LEARNED: every figure <= {b.threshold:g} (largest {f.value:+.3f}, {name}): with this "
+                     "file the base is no better at the concept than at the rest")
+    return lines
 
 
 def _summary(report: AuditReport, verdict: str) -> str:

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from concept_exclusion.audit.base import BaseModel
+from concept_exclusion.audit.base_model import BaseModel
 from concept_exclusion.audit.report import LayerReport
 from concept_exclusion.concept.embeddings import CONTEXT
 from concept_exclusion.lora.file import LoraFile, effective_delta

@@ -13,7 +13,12 @@ Verdicts, most severe first:
   the file's weights point, not whether the file draws the concept.
 Codes 2 (unusable input) and 4 (internal error) come from the command line, never from a report.
 
-Invariant: only ``verdict()`` decides; PASS needs ``verified`` (a trusted basis) and no blocking item.
+The behavioural check (``behaviour.report``) is reported beside this verdict, never merged into it; it decides
+the exit code when it ran and found the concept learned: LEARNED exits 6 whatever the weight verdict, and an
+INCOMPLETE check keeps a weight PASS from exit 0 (3).
+
+Invariant: only ``verdict()`` decides the weight verdict; PASS needs ``verified`` (a trusted basis) and no
+blocking item; only ``exit_code`` combines the two checks.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from concept_exclusion.audit.behaviour.report import INCOMPLETE, LEARNED, BehaviourReport
+
 PASS, FLAGGED, UNVERIFIED, PASS_APPROXIMATE = "PASS", "FLAGGED", "UNVERIFIED", "PASS-APPROXIMATE"
 EXIT_CODES = {PASS: 0, FLAGGED: 1, UNVERIFIED: 3, PASS_APPROXIMATE: 5}  # 2, 4, 141: cli.EXIT_*
+EXIT_LEARNED = 6
 
 
 @dataclass
@@ -58,6 +66,8 @@ class AuditReport:
     notes: list[str] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
     by_clip_skip: dict[int, float] = field(default_factory=dict)  # largest checked share per clip_skip value
+    behaviour: BehaviourReport | None = None
+    behaviour_note: str = ""  # why the behavioural check did not run
 
     @property
     def flagged(self) -> list[LayerReport]:
@@ -92,7 +102,13 @@ class AuditReport:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES[self.verdict()]
+        code = EXIT_CODES[self.verdict()]
+        if self.behaviour is not None:
+            if self.behaviour.verdict() == LEARNED:
+                return EXIT_LEARNED
+            if self.behaviour.verdict() == INCOMPLETE and code in (EXIT_CODES[PASS], EXIT_CODES[PASS_APPROXIMATE]):
+                return EXIT_CODES[UNVERIFIED]
+        return code
 
     @property
     def passed(self) -> bool:
@@ -110,4 +126,6 @@ class AuditReport:
             "layers": [{"name": r.name, "role": r.role, "kinds": r.kinds, "share": r.share,
                         "concept_change": r.concept_change, "checked": r.checked, "over": r.over(self.threshold),
                         "blocking": r.blocking, "note": r.note} for r in self.layers],
+            "behaviour": self.behaviour.to_json() if self.behaviour is not None else {"verdict": None,
+                                                                                      "why": self.behaviour_note},
         }

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from concept_exclusion.audit.base import BaseModel, clip_skips, load_base
+from concept_exclusion.audit.base import clip_skips, load_base
+from concept_exclusion.audit.base_model import BaseModel
+from concept_exclusion.audit.behaviour.run import BehaviourOptions, audit_behaviour, check_inputs, why_not
 from concept_exclusion.audit.measure import Bases, measure_file
 from concept_exclusion.audit.report import AuditReport, LayerReport
 from concept_exclusion.concept.embeddings import CONTEXT, POOLED, concept_rows
@@ -100,10 +102,13 @@ def _claimed_spaces(lora: LoraFile) -> list[tuple[Bases, Bases]]:
 
 def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | None = None,
                base_config: str | None = None, threshold: float = DEFAULT_THRESHOLD, targets: str | None = None,
-               clip_skip: int | None = None) -> AuditReport:
-    """Measure every layer of a LoRA file; only a trusted preset re-encoded with a trusted base can PASS."""
+               clip_skip: int | None = None, behaviour: BehaviourOptions = BehaviourOptions(enabled=False),
+               progress: bool = False) -> AuditReport:
+    """Measure every layer of a LoRA file (only a trusted preset re-encoded with a trusted base can PASS), and,
+    as ``behaviour`` asks, what the file makes the trusted base produce (``behaviour.run``)."""
     lora = read_lora(path)
     preset = load_preset(preset_path) if preset_path else None
+    check_inputs(behaviour, preset)
     if base is not None and preset is None:
         raise AuditError(f"--base {base}: needs --preset PRESET (the preset a file embeds is a claim, not a "
                          f"trusted input)")
@@ -133,13 +138,16 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
     if lora.text_encoder_modules:
         notes.append(f"the file changes {len(lora.text_encoder_modules)} text-encoder layer(s): the concept's "
                      f"embeddings may move, so the guarantee is approximate")
+    skipped = why_not(behaviour, preset, base_model)
+    behaviour_report = None if skipped else audit_behaviour(lora, preset, base_model, tuple(skips), behaviour,
+                                                            progress)
     return AuditReport(
         file=str(path), layout=lora.layout, threshold=threshold, target_sets=sets, verified=base_model is not None,
         preset=None if preset is None else {"name": preset.name, "sha256": preset.sha256, "source": preset.source},
         base=None if base_model is None else {"source": base_model.source, "kind": base_model.kind},
         clip_skips=tuple(skips), layers=layers, unknown_keys=list(lora.unknown), claims=read_claims(lora.metadata),
         notes=notes, ranks={s: int(u.shape[1]) for s, u in sorted(spaces[0][0].items())} if spaces else {},
-        by_clip_skip=by_skip)
+        by_clip_skip=by_skip, behaviour=behaviour_report, behaviour_note=skipped)
 
 
 def _worst(reports: tuple[LayerReport, ...]) -> LayerReport:

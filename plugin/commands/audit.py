@@ -1,7 +1,8 @@
 """The ``audit`` and ``inspect`` commands: arguments, running, printing, exit codes.
 
-Exit codes (also in the README and docs/kohya.md): 0 PASS, 1 FLAGGED, 2 unusable input (one line on
-stderr), 3 UNVERIFIED, 4 internal error, 5 PASS-APPROXIMATE, 141 output pipe closed early. Invariant:
+Exit codes (also in the README, docs/audit.md and docs/kohya.md): 0 PASS, 1 FLAGGED, 2 unusable input (one line
+on stderr), 3 UNVERIFIED, 4 internal error, 5 PASS-APPROXIMATE, 6 LEARNED (the behavioural check), 141 output pipe
+closed early. Invariant:
 ``inspect`` and ``audit`` read files through the same validating reader (``safeio.read_header``).
 """
 
@@ -9,17 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from concept_exclusion.audit.behaviour.check import BehaviourConfig
+from concept_exclusion.audit.behaviour.run import BehaviourOptions
 from concept_exclusion.audit.format import format_inspect, format_report
 from concept_exclusion.audit.weights import DEFAULT_THRESHOLD, audit_file
 from concept_exclusion.lora.file import layout_of
 from concept_exclusion.metadata import PREFIX
 from concept_exclusion.safeio import read_header
 
-EXIT_HELP = ("exit codes: 0 PASS, 1 FLAGGED, 2 unusable input, 3 UNVERIFIED (no --base, or something on a "
-             "text-reading layer not measured), 4 internal error, 5 PASS-APPROXIMATE (text encoder trained)")
+EXIT_HELP = ("exit codes: 0 PASS (and NOT LEARNED where the behavioural check ran), 1 FLAGGED, 2 unusable input, "
+             "3 UNVERIFIED (no --base, something on a text-reading layer not measured, 0 layers checked, or the "
+             "behavioural check could not apply the whole file), 4 internal error, 5 PASS-APPROXIMATE (text encoder "
+             "trained), 6 LEARNED (the behavioural check: the file makes the base better at drawing the concept; "
+             "whatever the weight verdict)")
 
 
 def _threshold(text: str) -> float:
@@ -30,6 +38,12 @@ def _threshold(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return v
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 10000, got {text!r}")
+    return int(text)
 
 
 def _clip_skip(text: str) -> int:
@@ -58,13 +72,30 @@ def register_audit(subparsers) -> None:
     p.add_argument("--clip-skip", type=_clip_skip,
                    help="the clip_skip the LoRA was trained with (default: SD1/2 checks 1 and 2, SDXL reads the "
                         "penultimate layer)")
+    b = p.add_argument_group("behavioural check", "what the file makes the base draw: on by default when the preset "
+                             "lists exemplars of the concept or --exemplars is given; reported beside the weight check")
+    b.add_argument("--exemplars", metavar="DIR", help="images of the concept (PNG/JPEG/WebP/BMP; brought to the "
+                   "base's resolution); default: the preset's exemplars pasted onto plain canvases")
+    b.add_argument("--controls", metavar="DIR", help="images without the concept to compare against (default: the "
+                   "rest of each exemplar image, outside where the preset's exemplars find the concept)")
+    b.add_argument("--no-behaviour", action="store_true", help="run the weight check only")
+    b.add_argument("--behaviour-threshold", type=_threshold, default=BehaviourConfig.threshold,
+                   help=f"largest figure a NOT LEARNED file may have (default {BehaviourConfig.threshold})")
+    b.add_argument("--inversion-steps", type=_count, default=BehaviourConfig.inversion_steps,
+                   help=f"the inversion attack's budget (default {BehaviourConfig.inversion_steps})")
+    b.add_argument("--max-images", type=_count, default=BehaviourOptions.max_images,
+                   help=f"most exemplar (and control) images read (default {BehaviourOptions.max_images})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_audit)
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    config = replace(BehaviourConfig(), threshold=args.behaviour_threshold, inversion_steps=args.inversion_steps)
+    behaviour = BehaviourOptions(enabled=not args.no_behaviour, exemplars=args.exemplars, controls=args.controls,
+                                 max_images=args.max_images, config=config)
     report = audit_file(args.lora, preset_path=args.preset, base=args.base, base_config=args.base_config,
-                        threshold=args.threshold, targets=args.targets, clip_skip=args.clip_skip)
+                        threshold=args.threshold, targets=args.targets, clip_skip=args.clip_skip,
+                        behaviour=behaviour, progress=sys.stderr.isatty())
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return report.exit_code
 

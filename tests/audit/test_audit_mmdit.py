@@ -125,3 +125,13 @@ def test_a_file_on_the_joint_blocks_only_is_not_a_pass(model, capsys, layout):
                    str(model["root"] / "logo.toml"), "--base", str(model["root"] / "base")])
     out = capsys.readouterr().out
     assert rc == 3 and "UNVERIFIED: 0 layers checked" in out and "this is not a pass" in out
+    images = model["root"] / "exemplars"
+    images.mkdir(exist_ok=True)
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(images / "0.png")
+    rc = cli_main(["audit", str(_write(model, "blocks-only", {}, layout)), "--preset",
+                   str(model["root"] / "logo.toml"), "--base", str(model["root"] / "base"), "--exemplars", str(images),
+                   "--controls", str(images)])
+    out = capsys.readouterr().out
+    assert rc == 3 and "behavioural check not available for this base" in out.splitlines()[-1]

@@ -1,0 +1,79 @@
+"""Running the behavioural check from the audit's trusted inputs: which images, which clip_skip values, what it
+cannot run on.
+
+Invariant: the check runs only on a trusted preset and base (never on what the file claims); where it cannot run,
+the reason is a note on the report and the weight check's verdict stands alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from concept_exclusion.audit.base_model import BaseModel
+from concept_exclusion.audit.behaviour.check import BehaviourConfig, check_behaviour
+from concept_exclusion.audit.behaviour.images import folder_probe, image_files, preset_probe, read_folder
+from concept_exclusion.audit.behaviour.report import BehaviourReport
+from concept_exclusion.concept.preset import Preset
+from concept_exclusion.errors import AuditError
+from concept_exclusion.lora.file import LoraFile
+
+
+@dataclass(frozen=True)
+class BehaviourOptions:
+    """What the user asked of the behavioural check: ``enabled`` False skips it; ``exemplars``/``controls``: image
+    folders (default: the preset's exemplars, the rest of each image)."""
+
+    enabled: bool = True
+    exemplars: str | None = None
+    controls: str | None = None
+    max_images: int = 16
+    config: BehaviourConfig = BehaviourConfig()
+
+
+def check_inputs(options: BehaviourOptions, preset: Preset | None) -> None:
+    """Refuse, before any model is loaded, a missing or image-less ``--exemplars``/``--controls`` folder, and
+    exemplar images that nothing could be compared against (no ``--controls``, no exemplars in the preset)."""
+    if not options.enabled:
+        return
+    for flag, folder in (("--exemplars", options.exemplars), ("--controls", options.controls)):
+        if folder is not None:
+            image_files(folder, options.max_images, flag)
+    if preset is not None and options.exemplars is not None and options.controls is None and preset.exemplars is None:
+        raise AuditError(f"--preset {preset.name}: lists no [exemplars] to find the concept in the images with; give "
+                         "--controls DIR (images without the concept) to compare against")
+
+
+def why_not(options: BehaviourOptions, preset: Preset | None, base: BaseModel | None) -> str:
+    """Why the behavioural check does not run ("" when it does)."""
+    if not options.enabled:
+        return "behavioural check not run (--no-behaviour)"
+    if base is None or preset is None:
+        return "behavioural check not run: it needs --base and --preset"
+    if base.denoising is None:
+        return (f"behavioural check not available for this base ({base.family} family: SD1.x/2.x, SDXL and "
+                "registered bases only); the weight check stands alone")
+    if options.exemplars is None and preset.exemplars is None:
+        return "behavioural check not run: the preset lists no exemplars of the concept; give --exemplars DIR"
+    return ""
+
+
+def audit_behaviour(lora: LoraFile, preset: Preset, base: BaseModel, clip_skips: tuple[int | None, ...],
+                    options: BehaviourOptions, progress: bool = True) -> BehaviourReport:
+    """The check at every clip_skip the weight check used; the report with the largest figure counts."""
+    reports = []
+    for skip in clip_skips or (None,):
+        model = base.denoising(skip)
+        if options.exemplars is not None:
+            images = read_folder(options.exemplars, options.max_images, "--exemplars")
+            controls = None if options.controls is None else read_folder(options.controls, options.max_images,
+                                                                         "--controls")
+            probe = folder_probe(preset, images, controls, model.resolution,
+                                 f"{len(images)} image(s) from {options.exemplars}")
+        else:
+            probe = preset_probe(preset, model.resolution, options.max_images, options.config.seed)
+        report = check_behaviour(lora, base, model, preset, probe, options.config, progress)
+        if len(clip_skips) > 1:
+            report.notes.append(f"measured at clip_skip {skip} (the largest figure over {len(clip_skips)} values "
+                                "counts)")
+        reports.append(report)
+    return max(reports, key=lambda r: r.largest[1].value)
