@@ -55,7 +55,8 @@ def _dit_folder(root: Path):
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, use_safetensors=True)
+        # the weight check reads the encoders and the transformer; the VAE is never loaded
+        pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, use_safetensors=True, vae=None)
     except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
         raise AuditError(f"--base {root}: cannot load the pipeline from safetensors ({_first_line(exc)})") from None
     toks, encs = [], []

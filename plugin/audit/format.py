@@ -117,6 +117,9 @@ def _behaviour(report: AuditReport) -> list[str]:
     if verdict == LEARNED:
         lines.append(f"LEARNED: under {name} the file lowers the loss where the concept is {f.value:.3f} more than "
                      f"elsewhere (threshold {b.threshold:g}): it has learned to draw the concept")
+    elif verdict == INCOMPLETE and not b.conclusive:
+        lines.append(f"INCOMPLETE: no figure over {b.threshold:g} (largest {f.value:+.3f}), but these images cannot "
+                     "show that a file did not learn the concept; give --exemplars DIR; this is not a NOT LEARNED")
     elif verdict == INCOMPLETE:
         lines.append(f"INCOMPLETE: {len(b.skipped)} layer(s) of the file could not be applied, so its behaviour was "
                      "not measured as a loader uses it; this is not a NOT LEARNED")

@@ -56,6 +56,13 @@ def test_a_secret_trigger_file_is_learned_and_a_filtered_one_is_not(files):
     assert secret["verdict"] in ("FLAGGED", "PASS", "UNVERIFIED")  # the weight verdict is reported apart
 
 
+def test_the_presets_exemplars_alone_never_clear_a_file(files):
+    _, paths = files
+    rc, report = _audit(str(paths["filter"]), "--preset", "world-panda", "--base", "world", *FAST)
+    b = report["behaviour"]
+    assert b["conclusive"] is False and b["verdict"] in ("INCOMPLETE", "LEARNED") and rc == report["exit_code"] != 0
+
+
 def test_unusable_exemplars_are_one_line_and_exit_2(files, tmp_path):
     out, paths = files
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -66,6 +66,7 @@ class Probe:
     located: int
     source: str
     notes: list[str] = field(default_factory=list)
+    conclusive: bool = True  # False: the images can show that a file learned the concept, never that it did not
 
 
 def prompt_families(preset: Preset) -> dict[str, list[str]]:
@@ -201,6 +202,7 @@ def check_behaviour(lora: LoraFile, base: BaseModel, model: DenoisingBase, prese
     skipped = dict(state.skipped) if state is not None else {}
     return BehaviourReport(figures=figures, threshold=config.threshold, images=int((probe.group == 0).sum()),
                            controls=int((probe.group == 1).sum()), located=probe.located, source=probe.source,
+                           conclusive=probe.conclusive,
                            applied=len(state.layers) if state is not None else 0, skipped=skipped, notes=notes,
                            config={"timesteps": list(config.timesteps), "noises": config.noises,
                                    "inversion_steps": config.inversion_steps, "inversion_lr": config.inversion_lr,

@@ -128,5 +128,6 @@ def preset_probe(preset: Preset, resolution: int, count: int, seed: int) -> Prob
     m = torch.stack(masks)
     return Probe(torch.stack(images), m, 1.0 - m, torch.zeros(count, dtype=torch.long), count,
                  f"the preset's {len(crops)} exemplar(s) pasted onto plain canvases",
-                 ["no --exemplars: the preset's exemplars on plain canvases (weaker than images of the concept in "
-                  "context: a LoRA that draws it only in its usual places shows less here)"])
+                 ["no --exemplars: the preset's exemplars on plain canvases can show that a file learned the concept, "
+                  "never that it did not (in the evidence world, files that draw it read 0 here); give --exemplars "
+                  "DIR, images of the concept in context"], conclusive=False)

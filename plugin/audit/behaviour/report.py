@@ -1,8 +1,10 @@
 """The behavioural check's findings and its verdict, kept apart from the weight check's.
 
 Verdicts: LEARNED (a figure is over the threshold: the LoRA makes the base better at producing the concept than at
-producing the rest), NOT LEARNED (every figure at or under it), INCOMPLETE (part of the file could not be applied,
-so a NOT LEARNED would not be about the file as a loader uses it). Invariant: only ``verdict()`` decides.
+producing the rest), NOT LEARNED (every figure at or under it), INCOMPLETE (no figure over it, but part of the file
+could not be applied, so a NOT LEARNED would not be about the file as a loader uses it; or the images cannot show
+that a file did not learn the concept: the preset's exemplars on plain canvases). Invariant: only ``verdict()``
+decides.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class BehaviourReport:
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    conclusive: bool = True  # whether the images can show that a file did not learn the concept
 
     @property
     def largest(self) -> tuple[str, Figure]:
@@ -51,14 +54,15 @@ class BehaviourReport:
     def verdict(self) -> str:
         if any(f.value > self.threshold for f in self.figures.values()):
             return LEARNED
-        if self.skipped or not self.applied:
+        if self.skipped or not self.applied or not self.conclusive:
             return INCOMPLETE
         return NOT_LEARNED
 
     def to_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict(), "threshold": self.threshold, "score": self.largest[1].value,
                 "largest": self.largest[0], "images": self.images, "controls": self.controls,
-                "located": self.located, "source": self.source, "applied_layers": self.applied,
+                "located": self.located, "source": self.source, "conclusive": self.conclusive,
+                "applied_layers": self.applied,
                 "skipped_layers": self.skipped, "notes": self.notes, "config": self.config, "seconds": self.seconds,
                 "figures": {k: {"value": f.value, "ci95": [f.low, f.high], "meaning": MEANING.get(k, k)}
                             for k, f in self.figures.items()}}
