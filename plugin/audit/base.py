@@ -10,6 +10,7 @@ any loader failure is one ``AuditError`` line naming the source.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from concept_exclusion.audit.base_model import BaseModel, base_model
@@ -37,7 +38,7 @@ def load_base(source: str | Path, base_config: str | Path | None = None) -> Base
         kind = "diffusers folder"
     elif root.is_dir() and all((root / d).is_dir() for d in ("tokenizer", "text_encoder", "unet")):
         toks, encs, net = _folder(root)
-        parts = lambda: _vae_and_scheduler(root)  # noqa: E731 - loaded only when the behavioural check runs
+        parts = functools.cache(lambda: _vae_and_scheduler(root))  # loaded once, when the behavioural check runs
         kind = "diffusers folder"
     elif str(source) in registered() or not root.is_dir():
         return load_named(str(source))

@@ -17,10 +17,8 @@ every measurement (``patch.applied``); every random draw comes from generators s
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -100,14 +98,16 @@ class _Run:
                                   dtype=torch.long, device=self.latents.device))
                       for f in config.timesteps for _ in range(config.noises)]
 
-    def sums(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row, the loss summed over the fixed draws inside and outside ([n] each, float64)."""
+    def sums(self, cond: Conditioning, only: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the loss summed over the fixed draws inside and outside ([n] each, float64); with ``only``, just
+        those rows are run (the others stay 0)."""
         n, b = self.latents.shape[0], self.config.batch
+        wanted = torch.arange(n) if only is None else only
         inside, outside = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         with torch.no_grad():
             for noise, t in self.draws:
-                for i in range(0, n, b):
-                    rows = torch.arange(i, min(i + b, n))
+                for i in range(0, len(wanted), b):
+                    rows = wanted[i:i + b]
                     loss = self.model.loss_map(self.latents[rows], noise[rows], t[rows],
                                                cond.take(rows.to(cond.states.device))).float()
                     inside[rows] += (loss * self.inside[rows]).sum(dim=(1, 2, 3)).double().cpu()
@@ -150,8 +150,7 @@ class _Run:
             for k, weights in enumerate((self.inside, self.outside)):
                 if float(weights[rows].sum()) == 0.0:
                     continue
-                sums = self.sums(self.invert(empty, rows, weights))
-                out[k][rows] = sums[k][rows]
+                out[k][rows] = self.sums(self.invert(empty, rows, weights), only=rows)[k][rows]
         return out[0], out[1]
 
 
@@ -177,33 +176,31 @@ def figure(base: tuple[torch.Tensor, torch.Tensor], lora: tuple[torch.Tensor, to
     return Figure(point, draws[int(0.025 * boot)], draws[min(boot - 1, int(0.975 * boot))])
 
 
+def _all_sums(run: _Run, model: DenoisingBase, families: dict[str, list[str]]) -> dict[str, tuple]:
+    """Family (and inversion) -> the per-row sums, with the model as it is now."""
+    n = len(run.latents)
+    out = {name: run.sums(_conditioning(model, prompts, n)) for name, prompts in families.items()}
+    out[INVERSION] = run.inverted_sums(model.encode([""]))
+    return out
+
+
 def check_behaviour(lora: LoraFile, base: BaseModel, model: DenoisingBase, preset: Preset, probe: Probe,
-                    config: BehaviourConfig = BehaviourConfig(), progress: bool = True,
-                    on_step: Callable[[str], None] | None = None) -> BehaviourReport:
+                    config: BehaviourConfig = BehaviourConfig(), progress: bool = True) -> BehaviourReport:
     """Every prompt family's figure and the inversion's for ``lora`` on ``base``, and the verdict."""
     t0 = time.time()
     run = _Run(model, probe, config)
     families = prompt_families(preset)
-    n = len(probe.images)
-    steps = [*families, INVERSION]
-    bar = tqdm(total=2 * len(steps), desc="behavioural check", disable=not progress, leave=False)
-    sums: dict[str, dict[str, tuple]] = {"base": {}, "lora": {}}
-    state = None
-    for side in ("base", "lora"):
-        with applied(lora, base, model.text_modules()) if side == "lora" else contextlib.nullcontext() as state:
-            for name, prompts in families.items():
-                sums[side][name] = run.sums(_conditioning(model, prompts, n))
-                bar.update(1)
-            sums[side][INVERSION] = run.inverted_sums(model.encode([""]))
-            bar.update(1)
-    bar.close()
-    figures = {name: figure(sums["base"][name], sums["lora"][name], config.boot, config.seed) for name in steps}
-    notes = list(probe.notes)
-    skipped = dict(state.skipped) if state is not None else {}
+    with tqdm(total=2, desc="behavioural check (base, with the file)", disable=not progress, leave=False) as bar:
+        before = _all_sums(run, model, families)
+        bar.update(1)
+        with applied(lora, base, model.text_modules()) as done:
+            after = _all_sums(run, model, families)
+        bar.update(1)
+    figures = {name: figure(before[name], after[name], config.boot, config.seed) for name in before}
     return BehaviourReport(figures=figures, threshold=config.threshold, images=int((probe.group == 0).sum()),
                            controls=int((probe.group == 1).sum()), located=probe.located, source=probe.source,
-                           conclusive=probe.conclusive,
-                           applied=len(state.layers) if state is not None else 0, skipped=skipped, notes=notes,
+                           conclusive=probe.conclusive, applied=len(done.layers), skipped=dict(done.skipped),
+                           notes=list(probe.notes),
                            config={"timesteps": list(config.timesteps), "noises": config.noises,
                                    "inversion_steps": config.inversion_steps, "inversion_lr": config.inversion_lr,
                                    "seed": config.seed},

@@ -71,6 +71,14 @@ def located(preset: Preset, images: list[torch.Tensor], resolution: int) -> tupl
     return fitted, (torch.stack(masks) > 0).float()
 
 
+def require_comparison(preset: Preset, has_controls: bool) -> None:
+    """Exemplar images need something to be compared against: the rest of each image (the preset's exemplars
+    locate the concept in it) or control images; ``AuditError`` when there is neither."""
+    if preset.exemplars is None and not has_controls:
+        raise AuditError(f"--preset {preset.name}: lists no [exemplars] to find the concept in the images with; give "
+                         "--controls DIR (images without the concept) to compare against")
+
+
 def folder_probe(preset: Preset, exemplar_images: list[torch.Tensor], control_images: list[torch.Tensor] | None,
                  resolution: int, source: str) -> Probe:
     """Exemplar images with the concept located in each by the preset's exemplars; their controls are the rest of
@@ -82,9 +90,7 @@ def folder_probe(preset: Preset, exemplar_images: list[torch.Tensor], control_im
     notes: list[str] = []
     found = masks.flatten(1).amax(1) > 0 if masks is not None else torch.zeros(n, dtype=torch.bool)
     if controls is None:
-        if masks is None:
-            raise AuditError(f"--preset {preset.name}: lists no [exemplars] to find the concept in the images with; "
-                             "give --controls DIR (images without the concept) to compare against")
+        require_comparison(preset, has_controls=False)
         if not bool(found.any()):
             raise AuditError(f"{source}: the preset's exemplars are found in none of the {n} images (are they images "
                              "of this concept?)")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from concept_exclusion.audit.base_model import BaseModel
-from concept_exclusion.audit.behaviour.check import BehaviourConfig, check_behaviour
-from concept_exclusion.audit.behaviour.images import folder_probe, image_files, preset_probe, read_folder
+from concept_exclusion.audit.behaviour.check import BehaviourConfig, Probe, check_behaviour
+from concept_exclusion.audit.behaviour.images import (folder_probe, image_files, preset_probe, read_folder,
+                                                      require_comparison)
 from concept_exclusion.audit.behaviour.report import BehaviourReport
 from concept_exclusion.concept.preset import Preset
-from concept_exclusion.errors import AuditError
 from concept_exclusion.lora.file import LoraFile
 
 
@@ -38,9 +38,8 @@ def check_inputs(options: BehaviourOptions, preset: Preset | None) -> None:
     for flag, folder in (("--exemplars", options.exemplars), ("--controls", options.controls)):
         if folder is not None:
             image_files(folder, options.max_images, flag)
-    if preset is not None and options.exemplars is not None and options.controls is None and preset.exemplars is None:
-        raise AuditError(f"--preset {preset.name}: lists no [exemplars] to find the concept in the images with; give "
-                         "--controls DIR (images without the concept) to compare against")
+    if preset is not None and options.exemplars is not None:
+        require_comparison(preset, has_controls=options.controls is not None)
 
 
 def why_not(options: BehaviourOptions, preset: Preset | None, base: BaseModel | None) -> str:
@@ -60,20 +59,22 @@ def why_not(options: BehaviourOptions, preset: Preset | None, base: BaseModel | 
 def audit_behaviour(lora: LoraFile, preset: Preset, base: BaseModel, clip_skips: tuple[int | None, ...],
                     options: BehaviourOptions, progress: bool = True) -> BehaviourReport:
     """The check at every clip_skip the weight check used; the report with the largest figure counts."""
+    models = [base.denoising(skip) for skip in clip_skips or (None,)]
+    probe = _probe(preset, options, models[0].resolution)  # read and located once: every clip_skip sees the same
     reports = []
-    for skip in clip_skips or (None,):
-        model = base.denoising(skip)
-        if options.exemplars is not None:
-            images = read_folder(options.exemplars, options.max_images, "--exemplars")
-            controls = None if options.controls is None else read_folder(options.controls, options.max_images,
-                                                                         "--controls")
-            probe = folder_probe(preset, images, controls, model.resolution,
-                                 f"{len(images)} image(s) from {options.exemplars}")
-        else:
-            probe = preset_probe(preset, model.resolution, options.max_images, options.config.seed)
+    for skip, model in zip(clip_skips or (None,), models):
         report = check_behaviour(lora, base, model, preset, probe, options.config, progress)
         if len(clip_skips) > 1:
             report.notes.append(f"measured at clip_skip {skip} (the largest figure over {len(clip_skips)} values "
                                 "counts)")
         reports.append(report)
     return max(reports, key=lambda r: r.largest[1].value)
+
+
+def _probe(preset: Preset, options: BehaviourOptions, resolution: int) -> Probe:
+    """The images the check runs on: ``--exemplars`` (and ``--controls``), else the preset's exemplars on canvases."""
+    if options.exemplars is None:
+        return preset_probe(preset, resolution, options.max_images, options.config.seed)
+    images = read_folder(options.exemplars, options.max_images, "--exemplars")
+    controls = None if options.controls is None else read_folder(options.controls, options.max_images, "--controls")
+    return folder_probe(preset, images, controls, resolution, f"{len(images)} image(s) from {options.exemplars}")
