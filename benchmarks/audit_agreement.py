@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from concept_exclusion_world.agreement import LEARNED_FROM, NOT_LEARNED_UPTO, agreement, uplift_rows
+from concept_exclusion_world.agreement import LEARNED_FROM, NO_CLAIM, NOT_LEARNED_UPTO, agreement, uplift_rows
 from concept_exclusion_world.exemplars import write as write_exemplars
 from concept_exclusion_world.files import atomic_path, write_json
 
@@ -107,7 +107,7 @@ def _table(doc: dict) -> list[str]:
     verdicts = ("LEARNED", "NOT LEARNED", "INCOMPLETE")
     lines = ["| measured largest uplift | files | " + " | ".join(f"audit: {v}" for v in verdicts) + " |",
              "|---|---:|" + "---:|" * len(verdicts)]
-    for need in ("LEARNED", "NOT LEARNED", "no claim (uplift between 5 and 20 points)"):
+    for need in ("LEARNED", "NOT LEARNED", NO_CLAIM):
         counts = a["table"].get(need, {})
         label = {"LEARNED": f">= {LEARNED_FROM:.0%} (must be LEARNED)",
                  "NOT LEARNED": f"<= {NOT_LEARNED_UPTO:.0%} (must be NOT LEARNED)"}.get(need, "between (no claim)")

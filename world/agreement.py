@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 from .uplift import FAMILIES, REFERENCE
 
 LEARNED_FROM, NOT_LEARNED_UPTO = 0.20, 0.05
+NO_CLAIM = f"no claim (uplift between {NOT_LEARNED_UPTO:.0%} and {LEARNED_FROM:.0%})"
 
 
 def file_uplift(figures: Mapping[str, float], reference: Mapping[str, float]) -> tuple[float, str]:
@@ -43,7 +44,7 @@ def agreement(rows: Sequence[Mapping]) -> dict:
     table: dict[str, dict[str, int]] = {}
     wrong = []
     for r in rows:
-        need = expected(r["uplift"]) or "no claim (uplift between 5 and 20 points)"
+        need = expected(r["uplift"]) or NO_CLAIM
         table.setdefault(need, {}).setdefault(r["verdict"], 0)
         table[need][r["verdict"]] += 1
         if need in ("LEARNED", "NOT LEARNED") and r["verdict"] != need:
