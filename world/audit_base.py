@@ -24,6 +24,7 @@ class WorldDenoising:
     """The world's denoiser seen as its training objective (a ``DenoisingBase``)."""
 
     resolution = SIZE
+    multiple = None  # the world's images have one size
     device = torch.device("cpu")
 
     def __init__(self, base: Base) -> None:

@@ -35,10 +35,11 @@ def load_base(source: str | Path, base_config: str | Path | None = None) -> Base
         kind = "single file"
     elif root.is_dir() and (root / "transformer").is_dir() and not (root / "unet").is_dir():
         toks, encs, net = _dit_folder(root)
+        parts = functools.cache(lambda: _vae_and_scheduler(root, flow=True))
         kind = "diffusers folder"
     elif root.is_dir() and all((root / d).is_dir() for d in ("tokenizer", "text_encoder", "unet")):
         toks, encs, net = _folder(root)
-        parts = functools.cache(lambda: _vae_and_scheduler(root))  # loaded once, when the behavioural check runs
+        parts = functools.cache(lambda: _vae_and_scheduler(root, flow=False))  # loaded once, if the check runs
         kind = "diffusers folder"
     elif str(source) in registered() or not root.is_dir():
         return load_named(str(source))
@@ -47,7 +48,7 @@ def load_base(source: str | Path, base_config: str | Path | None = None) -> Base
                          f"unet/, or transformer/) nor a .safetensors checkpoint")
     base = base_model(str(root), kind, toks, encs, net)
     if parts is not None:
-        base.denoising = lambda clip_skip: _unet_denoising(base, parts, clip_skip)
+        base.denoising = lambda clip_skip: _denoising(base, parts, clip_skip)
     return base
 
 
@@ -111,23 +112,30 @@ def _single_file(path: Path, base_config: str | Path | None):
     return toks, [e.eval().requires_grad_(False) for e in encs], pipe.unet, lambda: (pipe.vae, scheduler)
 
 
-def _vae_and_scheduler(root: Path):
-    """The folder's VAE (safetensors) and its noise schedule as the DDPM training scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+def _vae_and_scheduler(root: Path, flow: bool):
+    """The folder's VAE (safetensors) and its noise schedule as the trainers use it: DDPM for a UNet, flow matching
+    for a transformer."""
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    schedule = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
     try:
         vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True, use_safetensors=True)
-        scheduler = DDPMScheduler.from_pretrained(str(root), subfolder="scheduler", local_files_only=True)
+        scheduler = schedule.from_pretrained(str(root), subfolder="scheduler", local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
         raise AuditError(f"--base {root}: the behavioural check needs vae/ and scheduler/ ({_first_line(exc)})"
                          ) from None
     return vae, scheduler
 
 
-def _unet_denoising(base: BaseModel, parts, clip_skip: int | None):
+def _denoising(base: BaseModel, parts, clip_skip: int | None):
+    """The base as its training objective: a UNet's (``behaviour.unet``) or a Flux/SD3 transformer's (``.flow``)."""
+    vae, scheduler = parts()
+    if base.family in ("flux", "sd3"):
+        from concept_exclusion.audit.behaviour.flow import FlowDenoising
+
+        return FlowDenoising(base.denoiser, vae, scheduler, base.text_encoders(clip_skip))
     from concept_exclusion.audit.behaviour.unet import UNetDenoising
 
-    vae, scheduler = parts()
     return UNetDenoising(base.denoiser, vae, scheduler, base.text_encoders(clip_skip))
 
 

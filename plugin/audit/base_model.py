@@ -1,6 +1,6 @@
 """A trusted base model as the audit reads it: tokenizers, frozen text encoders and denoiser, its layers by kohya
-name (kohya/BFL spellings of the Flux/SD3 text readers, ``txt_in``, ``vector_in.in_layer``, ``y_embedder.mlp.0``,
-found under diffusers' names), and, for the behavioural check, how to see it as its training objective.
+name (SAI names of SD1/2/XL UNets, kohya/BFL/SAI names of Flux and SD3 layers through ``dit_names``, found under
+diffusers' names), and, for the behavioural check, how to see it as its training objective.
 
 Invariant: ``base_model`` is the one constructor, for folders, single files and registered bases alike.
 """
@@ -12,12 +12,18 @@ from typing import Callable
 
 import torch
 
+from concept_exclusion.audit.dit_names import SWAPPED_HALVES, diffusers_paths
 from concept_exclusion.concept.encoders import TextEncoders, family_of, is_clip
 from concept_exclusion.lora.file import sgm_to_diffusers
 
-_DIT_ALIASES = {"lora_unet_txt_in": "lora_unet_context_embedder",
-                "lora_unet_vector_in_in_layer": "lora_unet_time_text_embed_text_embedder_linear_1",
-                "lora_unet_y_embedder_mlp_0": "lora_unet_time_text_embed_text_embedder_linear_1"}
+
+@dataclass(frozen=True)
+class Part:
+    """A denoiser layer that holds some rows of a named layer's weight (``swapped``: its two halves in the other
+    order, ``dit_names.SWAPPED_HALVES``)."""
+
+    module: torch.nn.Module
+    swapped: bool = False
 
 
 @dataclass
@@ -45,12 +51,30 @@ class BaseModel:
         return TextEncoders(self.tokenizers, self.encoders, clip_skip, family=self.family)
 
     def module(self, key: str) -> torch.nn.Module | None:
-        """The denoiser layer a kohya-spelled key names (diffusers, SAI or BFL paths)."""
-        key = _DIT_ALIASES.get(key, key)
+        """The denoiser layer a kohya-spelled key names (diffusers, SAI or BFL paths; None for a BFL/SAI layer that
+        diffusers splits in several: see ``parts``)."""
+        found = self.parts(key)
+        return found[0].module if found is not None and len(found) == 1 else None
+
+    def parts(self, key: str) -> list[Part] | None:
+        """The denoiser layers whose weights stack (rows, in order) into the layer a kohya-spelled key names: one
+        for most names, several for a BFL/SAI fused layer (``qkv``, Flux's ``linear1``); None if any is missing."""
         found = self.modules.get(key)
         if found is None and self.layers_per_block is not None:
             found = self.modules.get(sgm_to_diffusers(key, self.layers_per_block))
-        return found
+        if found is not None:
+            return [Part(found)]
+        paths = diffusers_paths(key)
+        if paths is None:
+            return None
+        parts = []
+        for path in paths:
+            module = self.modules.get("lora_unet_" + path.replace(".", "_"))
+            if module is None:
+                return None
+            parent = self.modules.get("lora_unet_" + path.rpartition(".")[0].replace(".", "_"))
+            parts.append(Part(module, type(parent).__name__ in SWAPPED_HALVES))
+        return parts
 
 
 def base_model(source: str, kind: str, tokenizers, encoders, denoiser: torch.nn.Module,

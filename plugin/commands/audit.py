@@ -83,6 +83,9 @@ def register_audit(subparsers) -> None:
                    help=f"largest figure a NOT LEARNED file may have (default {BehaviourConfig.threshold})")
     b.add_argument("--inversion-steps", type=_count, default=BehaviourConfig.inversion_steps,
                    help=f"the inversion attack's budget (default {BehaviourConfig.inversion_steps})")
+    b.add_argument("--resolution", type=_count, metavar="PX",
+                   help="image side the check runs at (default: the base's training resolution: SD1.5 512, SDXL, "
+                        "SD3 and Flux 1024); check at the resolution the LoRA was trained at")
     b.add_argument("--max-images", type=_count, default=BehaviourOptions.max_images,
                    help=f"most exemplar (and control) images read (default {BehaviourOptions.max_images})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -92,7 +95,7 @@ def register_audit(subparsers) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     config = replace(BehaviourConfig(), threshold=args.behaviour_threshold, inversion_steps=args.inversion_steps)
     behaviour = BehaviourOptions(enabled=not args.no_behaviour, exemplars=args.exemplars, controls=args.controls,
-                                 max_images=args.max_images, config=config)
+                                 max_images=args.max_images, resolution=args.resolution, config=config)
     report = audit_file(args.lora, preset_path=args.preset, base=args.base, base_config=args.base_config,
                         threshold=args.threshold, targets=args.targets, clip_skip=args.clip_skip,
                         behaviour=behaviour, progress=sys.stderr.isatty())

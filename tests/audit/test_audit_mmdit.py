@@ -2,7 +2,7 @@
 (``lora_unet_txt_in``, ``lora_unet_vector_in_in_layer``, ``lora_unet_double_blocks_...``) and BFL
 (``diffusion_model.txt_in``) spellings. The text readers (context_embedder / txt_in; the pooled text embedder /
 vector_in) are judged against the trusted preset re-encoded with the base pipeline's CLIP and T5 encoders;
-what the file changes elsewhere is listed."""
+what the file changes elsewhere is listed. The behavioural check on these bases: tests/audit/test_behaviour_flow.py."""
 
 from __future__ import annotations
 
@@ -132,6 +132,9 @@ def test_a_file_on_the_joint_blocks_only_is_not_a_pass(model, capsys, layout):
     Image.new("RGB", (16, 16), (200, 10, 10)).save(images / "0.png")
     rc = cli_main(["audit", str(_write(model, "blocks-only", {}, layout)), "--preset",
                    str(model["root"] / "logo.toml"), "--base", str(model["root"] / "base"), "--exemplars", str(images),
-                   "--controls", str(images)])
-    out = capsys.readouterr().out
-    assert rc == 3 and "behavioural check not available for this base" in out.splitlines()[-1]
+                   "--controls", str(images), "--resolution", "32", "--max-images", "1", "--inversion-steps", "2",
+                   "--json"])
+    behaviour = json.loads(capsys.readouterr().out)["behaviour"]
+    # the behavioural check runs on Flux and SD3 too, with the file's block layers applied (BFL/SAI names split)
+    assert rc == (6 if behaviour["verdict"] == "LEARNED" else 3)
+    assert behaviour["applied_layers"] == 1 and not behaviour["skipped_layers"]

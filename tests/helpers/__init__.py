@@ -51,9 +51,10 @@ def write_captioned_images(folder, captions, size=lambda i: (32, 32), name=lambd
 
 
 _PROGRESS = re.compile(r"^[^|]*\|[^|]*\|.*(it/s|s/it)\]?\s*$")
+_CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # nested bars move the cursor between redraws
 
 
 def message_lines(stderr: str) -> list[str]:
     """stderr without progress-bar redraws (model loading bars): the lines a user reads as messages."""
-    pieces = [p.strip() for p in re.split(r"[\r\n]+", stderr)]
+    pieces = [_CURSOR.sub("", p).strip() for p in re.split(r"[\r\n]+", stderr)]
     return [p for p in pieces if p and not _PROGRESS.match(p)]

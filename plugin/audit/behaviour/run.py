@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 from concept_exclusion.audit.base_model import BaseModel
 from concept_exclusion.audit.behaviour.check import BehaviourConfig, Probe, check_behaviour
+from concept_exclusion.audit.behaviour.denoising import DenoisingBase
 from concept_exclusion.audit.behaviour.images import (folder_probe, image_files, preset_probe, read_folder,
                                                       require_comparison)
 from concept_exclusion.audit.behaviour.report import BehaviourReport
 from concept_exclusion.concept.preset import Preset
+from concept_exclusion.errors import AuditError
 from concept_exclusion.lora.file import LoraFile
 
 
@@ -27,6 +29,7 @@ class BehaviourOptions:
     exemplars: str | None = None
     controls: str | None = None
     max_images: int = 16
+    resolution: int | None = None  # the image side in pixels (default: the one the base trains at)
     config: BehaviourConfig = BehaviourConfig()
 
 
@@ -49,8 +52,8 @@ def why_not(options: BehaviourOptions, preset: Preset | None, base: BaseModel | 
     if base is None or preset is None:
         return "behavioural check not run: it needs --base and --preset"
     if base.denoising is None:
-        return (f"behavioural check not available for this base ({base.family} family: SD1.x/2.x, SDXL and "
-                "registered bases only); the weight check stands alone")
+        return ("behavioural check not available for this base (it gives no training objective); the weight check "
+                "stands alone")
     if options.exemplars is None and preset.exemplars is None:
         return "behavioural check not run: the preset lists no exemplars of the concept; give --exemplars DIR"
     return ""
@@ -60,6 +63,8 @@ def audit_behaviour(lora: LoraFile, preset: Preset, base: BaseModel, clip_skips:
                     options: BehaviourOptions, progress: bool = True) -> BehaviourReport:
     """The check at every clip_skip the weight check used; the report with the largest figure counts."""
     models = [base.denoising(skip) for skip in clip_skips or (None,)]
+    for model in models:
+        model.resolution = _side(model, options.resolution)
     probe = _probe(preset, options, models[0].resolution)  # read and located once: every clip_skip sees the same
     reports = []
     for skip, model in zip(clip_skips or (None,), models):
@@ -69,6 +74,18 @@ def audit_behaviour(lora: LoraFile, preset: Preset, base: BaseModel, clip_skips:
                                 "counts)")
         reports.append(report)
     return max(reports, key=lambda r: r.largest[1].value)
+
+
+def _side(model: DenoisingBase, asked: int | None) -> int:
+    """The image side the check runs at: ``asked`` where the model can run at it, else its training resolution."""
+    if asked is None or asked == model.resolution:
+        return model.resolution
+    if model.multiple is None:
+        raise AuditError(f"--resolution {asked}: this base runs at {model.resolution} px only")
+    if asked % model.multiple:
+        raise AuditError(f"--resolution {asked}: must be a multiple of {model.multiple} px for this base (it trains "
+                         f"at {model.resolution})")
+    return asked
 
 
 def _probe(preset: Preset, options: BehaviourOptions, resolution: int) -> Probe:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from concept_exclusion.audit.behaviour.denoising import Conditioning
+from concept_exclusion.audit.behaviour.denoising import Conditioning, text_modules
 from concept_exclusion.concept.encoders import TextEncoders
 
 
@@ -24,6 +24,7 @@ class UNetDenoising:
         self.device = next(unet.parameters()).device
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.resolution = int(unet.config.sample_size) * scale
+        self.multiple = scale * 2 ** (len(unet.config.block_out_channels) - 1)  # the UNet halves it per level
         self.train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction = scheduler.config.prediction_type
         self.sdxl = text.family.name == "sdxl"
@@ -56,12 +57,4 @@ class UNetDenoising:
         return (pred.float() - target.float()).pow(2)
 
     def text_modules(self) -> dict[str, torch.nn.Module]:
-        prefixes = ("lora_te_",) if len(self.text.encoders) == 1 else ("lora_te1_", "lora_te2_")
-        out = {}
-        for prefix, encoder in zip(prefixes, self.text.encoders):
-            for name, module in encoder.named_modules():
-                if name:
-                    out[prefix + name.replace(".", "_")] = module
-                    if not name.startswith("text_model."):  # transformers 5 may drop the text_model level
-                        out[prefix + "text_model_" + name.replace(".", "_")] = module
-        return out
+        return text_modules(self.text)
