@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from concept_exclusion_world.agreement import LEARNED_FROM, NO_CLAIM, NOT_LEARNED_UPTO, agreement, uplift_rows
 from concept_exclusion_world.exemplars import write as write_exemplars
 from concept_exclusion_world.files import atomic_path, write_json
+from concept_exclusion_world.report import merge
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -36,13 +37,9 @@ DEVELOPMENT_SEED = 0  # BehaviourConfig.threshold was chosen on this seed's file
 
 
 def runs_of(files: list[Path]) -> dict:
-    """method -> per-seed figures, merged over evidence documents."""
-    runs: dict[str, dict[int, dict]] = {}
-    for path in files:
-        for method, per_seed in json.loads(path.read_text(encoding="utf-8"))["runs"].items():
-            for figures in per_seed:
-                runs.setdefault(method, {})[figures["seed"]] = figures
-    return {m: [per[s] for s in sorted(per)] for m, per in runs.items()}
+    """method -> per-seed figures, merged over evidence documents by the world's own merge (which refuses a seed
+    measured twice with different figures)."""
+    return merge([json.loads(path.read_text(encoding="utf-8")) for path in files])["runs"]
 
 
 def audit(path: Path, exemplars: Path | None) -> dict:

@@ -130,14 +130,16 @@ def attach_to_pipeline(pipe, preset: Preset | str | Path, projection: Projection
 
 
 def attach_exclusion(unet: nn.Module, preset: Preset | str | Path, tokenizer, text_encoder, *, optimizer=None,
-                     clip_skip: int | None = None, accelerator=None, projection: Projection | None = None,
-                     options: AttachOptions | None = None) -> ConceptExclusion:
+                     clip_skip: int | None = None, max_sequence_length: int | None = None, accelerator=None,
+                     projection: Projection | None = None, options: AttachOptions | None = None) -> ConceptExclusion:
     """One line for a stock diffusers loop: subspace from the script's own tokenizer(s)/text encoder(s), attached.
 
     SDXL scripts pass both as lists (``[tokenizer_one, tokenizer_two]``, ``[text_encoder_one, text_encoder_two]``).
     Call it after the optimizer exists (exact mode's post-step work is registered on it); with ``accelerator``
     (``--checkpointing_steps`` checkpoints get our metadata, ``checkpoint_hooks``), also after the script
     registers its own save hook, which train_text_to_image_lora.py does after ``accelerator.prepare``.
+    ``max_sequence_length``: T5's length as the script reads the captions (Flux/SD3 scripts'
+    ``args.max_sequence_length``; default: the tokenizer's); the file records it for the audit.
     ``projection``/``options`` go to ``ConceptExclusion.attach``.
     """
     preset = _preset(preset)
@@ -145,7 +147,7 @@ def attach_exclusion(unet: nn.Module, preset: Preset | str | Path, tokenizer, te
         "output_preservation": "replace your loss line with OutputPreservation.for_preset(preset).loss(...) "
                                "(docs/how-it-works.md)",
         "regions": REGIONS_REMEDY["loop"]})
-    subspace = ConceptSubspace.from_encoders(preset, tokenizer, text_encoder, clip_skip)
+    subspace = ConceptSubspace.from_encoders(preset, tokenizer, text_encoder, clip_skip, max_length=max_sequence_length)
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     exclusion = ConceptExclusion.attach(unwrap(unet), subspace, projection, optimizer=optimizer, text_encoder=encoders,
                                         options=options)

@@ -14,6 +14,7 @@ import torch
 
 from concept_exclusion.audit.dit_names import SWAPPED_HALVES, diffusers_paths
 from concept_exclusion.concept.encoders import TextEncoders, family_of, is_clip
+from concept_exclusion.errors import AuditError
 from concept_exclusion.lora.file import sgm_to_diffusers
 
 
@@ -40,6 +41,7 @@ class BaseModel:
     family: str  # encoders.FAMILIES name
     # builds the behavioural check's DenoisingBase for a clip_skip (None: not available for this base)
     denoising: Callable[[int | None], object] | None = None
+    sequence_length: int | None = None  # the T5/BERT length prompts are read at (None: the tokenizer's own)
 
     @property
     def depth(self) -> int:
@@ -48,7 +50,16 @@ class BaseModel:
         return int(clip[0].config.num_hidden_layers) if clip else 0
 
     def text_encoders(self, clip_skip: int | None) -> TextEncoders:
-        return TextEncoders(self.tokenizers, self.encoders, clip_skip, family=self.family)
+        return TextEncoders(self.tokenizers, self.encoders, clip_skip, family=self.family,
+                            max_length=self.sequence_length)
+
+    def read_at(self, sequence_length: int | None) -> None:
+        """Read prompts at this T5/BERT length from now on (``AuditError`` for a base whose encoders are all CLIP,
+        which always read 77 tokens)."""
+        if sequence_length is not None and self.text_encoders(None).sequence_length is None:
+            raise AuditError(f"--max-sequence-length {sequence_length}: this base's text encoders are all CLIP "
+                             f"(77 tokens); the length applies to T5/BERT encoders (Flux, SD3)")
+        self.sequence_length = sequence_length
 
     def module(self, key: str) -> torch.nn.Module | None:
         """The denoiser layer a kohya-spelled key names (diffusers, SAI or BFL paths; None for a BFL/SAI layer that

@@ -79,8 +79,8 @@ def format_report(report: AuditReport) -> str:
              if preset else "preset:    none given (--preset): nothing trusted to check against",
              f"base:      {clean(report.base['source'], 300)} ({report.base['kind']})" if report.base else
              "base:      none given (--base): the verdict cannot be verified",
-             f"clip_skip: {', '.join(map(str, report.clip_skips))} (worst case counts)" if report.clip_skips else
-             "clip_skip: -",
+             (f"clip_skip: {', '.join(map(str, report.clip_skips))} (worst case counts)" if report.clip_skips else
+              "clip_skip: -") + (f"   T5 length: {report.sequence_length}" if report.sequence_length else ""),
              f"targets:   {', '.join(report.target_sets)}   threshold: {report.threshold:g}"
              + (f"   rank: {', '.join(f'{s} {r}' for s, r in report.ranks.items())}" if report.ranks else "")]
     if report.claims:

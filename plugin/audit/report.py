@@ -60,6 +60,7 @@ class AuditReport:
     preset: dict[str, str] | None  # name, sha256, source of the trusted preset
     base: dict[str, str] | None  # source and kind of the trusted base
     clip_skips: tuple[int, ...]
+    sequence_length: int | None  # the T5/BERT length the base's encoders read the preset at (None: CLIP only)
     layers: list[LayerReport]
     unknown_keys: list[str]
     claims: dict[str, str]  # what the file says about itself (sanitised only when printed)
@@ -118,6 +119,7 @@ class AuditReport:
         return {
             "file": self.file, "layout": self.layout, "verdict": self.verdict(), "exit_code": self.exit_code,
             "verified": self.verified, "preset": self.preset, "base": self.base, "clip_skips": list(self.clip_skips),
+            "sequence_length": self.sequence_length,
             "ranks": self.ranks, "max_share_by_clip_skip": {str(k): v for k, v in self.by_clip_skip.items()},
             "threshold": self.threshold, "target_sets": list(self.target_sets),
             "max_share": self.max_share, "flagged": [r.name for r in self.flagged],

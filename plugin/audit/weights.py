@@ -1,8 +1,8 @@
 """``concept-exclusion audit``: check any LoRA file against a trusted preset and a trusted base model.
 
 Trust model: the verdict depends only on what the user supplies (``--preset``, ``--base``,
-``--threshold``, ``--targets``, ``--clip-skip``) and on the file's tensors. The file's own basis,
-preset, clip_skip and target list are claims, shown and compared, never used to decide. Without
+``--threshold``, ``--targets``, ``--clip-skip``, ``--max-sequence-length``) and on the file's tensors. The file's
+own basis, preset, clip_skip, sequence length and target list are claims, shown and compared, never used to decide. Without
 ``--base`` the result is UNVERIFIED (exit 3); an unknown clip_skip is checked at every plausible value
 (1 and 2 for SD1/2; SDXL reads the penultimate layer) and the worst counts. Verdicts and exit codes:
 ``audit_report``. Reading: ``lora_keys``/``lora_file``; base model: ``audit_base``; measuring:
@@ -32,7 +32,8 @@ from concept_exclusion.model.roles import roles_in
 
 DEFAULT_THRESHOLD = 0.01
 _SHAPE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-_CLAIM_KEYS = ("preset_name", "preset_version", "preset_sha256", "clip_skip", "targets", "mode", "version",
+_CLAIM_KEYS = ("preset_name", "preset_version", "preset_sha256", "clip_skip", "sequence_length", "targets", "mode",
+               "version",
                "encoder", "leakage_max", "steps", "project_context", "frozen_layers", "text_encoder_trained")
 _HOST_CLAIMS = ("ss_clip_skip", "ss_network_module", "ss_base_model_version", "modelspec.architecture")
 
@@ -74,8 +75,13 @@ def _trusted_spaces(preset: Preset, base: BaseModel, skips: tuple[int, ...]) -> 
 
 
 def _compare_claims(lora: LoraFile, preset: Preset | None, spaces: list[tuple[Bases, Bases]],
-                    notes: list[str]) -> None:
+                    sequence_length: int | None, notes: list[str]) -> None:
     meta = lora.metadata
+    claimed_length = meta.get(PREFIX + "sequence_length", "")
+    if sequence_length is not None and claimed_length.isdigit() and int(claimed_length) != sequence_length:
+        notes.append(f"the file says its concept was read at T5 length {int(claimed_length)}; the audit read it at "
+                     f"{sequence_length}: the concept's rows differ with the length, so audit with "
+                     f"--max-sequence-length {int(claimed_length)} if the file is used at that length")
     claimed_sha = meta.get(PREFIX + "preset_sha256")
     if preset is not None and claimed_sha is not None:
         same = claimed_sha == preset.sha256
@@ -102,8 +108,8 @@ def _claimed_spaces(lora: LoraFile) -> list[tuple[Bases, Bases]]:
 
 def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | None = None,
                base_config: str | None = None, threshold: float = DEFAULT_THRESHOLD, targets: str | None = None,
-               clip_skip: int | None = None, behaviour: BehaviourOptions = BehaviourOptions(enabled=False),
-               progress: bool = False) -> AuditReport:
+               clip_skip: int | None = None, sequence_length: int | None = None,
+               behaviour: BehaviourOptions = BehaviourOptions(enabled=False), progress: bool = False) -> AuditReport:
     """Measure every layer of a LoRA file (only a trusted preset re-encoded with a trusted base can PASS), and,
     as ``behaviour`` asks, what the file makes the trusted base produce (``behaviour.run``)."""
     lora = read_lora(path)
@@ -118,6 +124,7 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
     base_model, skips, spaces = None, (), []
     if base is not None:
         base_model = load_base(base, base_config)
+        base_model.read_at(sequence_length)
         skips = clip_skips(base_model, clip_skip)
         spaces = _trusted_spaces(preset, base_model, skips)
     by_skip: dict[int, float] = {}
@@ -134,7 +141,8 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
         notes.append("no --base: the shares shown use the basis the file claims; only --base with --preset "
                      "can verify" if _claimed_spaces(lora) else "no --base: nothing could be measured; only --base "
                      "with --preset can verify")
-    _compare_claims(lora, preset, spaces, notes)
+    length = base_model.text_encoders(None).sequence_length if base_model is not None else None
+    _compare_claims(lora, preset, spaces, length, notes)
     if lora.text_encoder_modules:
         notes.append(f"the file changes {len(lora.text_encoder_modules)} text-encoder layer(s): the concept's "
                      f"embeddings may move, so the guarantee is approximate")
@@ -145,7 +153,7 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
         file=str(path), layout=lora.layout, threshold=threshold, target_sets=sets, verified=base_model is not None,
         preset=None if preset is None else {"name": preset.name, "sha256": preset.sha256, "source": preset.source},
         base=None if base_model is None else {"source": base_model.source, "kind": base_model.kind},
-        clip_skips=tuple(skips), layers=layers, unknown_keys=list(lora.unknown), claims=read_claims(lora.metadata),
+        clip_skips=tuple(skips), sequence_length=length, layers=layers, unknown_keys=list(lora.unknown), claims=read_claims(lora.metadata),
         notes=notes, ranks={s: int(u.shape[1]) for s, u in sorted(spaces[0][0].items())} if spaces else {},
         by_clip_skip=by_skip, behaviour=behaviour_report, behaviour_note=skipped)
 

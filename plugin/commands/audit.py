@@ -72,6 +72,9 @@ def register_audit(subparsers) -> None:
     p.add_argument("--clip-skip", type=_clip_skip,
                    help="the clip_skip the LoRA was trained with (default: SD1/2 checks 1 and 2, SDXL reads the "
                         "penultimate layer)")
+    p.add_argument("--max-sequence-length", type=_count, metavar="N",
+                   help="T5's length (Flux, SD3) the file was trained and is used with (kohya "
+                        "--t5xxl_max_token_length, diffusers --max_sequence_length; default: the base tokenizer's)")
     b = p.add_argument_group("behavioural check", "what the file makes the base draw: on by default when the preset "
                              "lists exemplars of the concept or --exemplars is given; reported beside the weight check")
     b.add_argument("--exemplars", metavar="DIR", help="images of the concept (PNG/JPEG/WebP/BMP; brought to the "
@@ -98,6 +101,7 @@ def run_audit(args: argparse.Namespace) -> int:
                                  max_images=args.max_images, resolution=args.resolution, config=config)
     report = audit_file(args.lora, preset_path=args.preset, base=args.base, base_config=args.base_config,
                         threshold=args.threshold, targets=args.targets, clip_skip=args.clip_skip,
+                        sequence_length=args.max_sequence_length,
                         behaviour=behaviour, progress=sys.stderr.isatty())
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return report.exit_code

@@ -1,4 +1,5 @@
-"""The subspace codec: one record (bases, preset, encoder, clip_skip, energy kept) in its three encodings.
+"""The subspace codec: one record (bases, preset, encoder, clip_skip, energy kept, T5 sequence length) in its three
+encodings.
 
 - a safetensors file (``ConceptSubspace.save`` / ``load``): float64 tensors ``basis.<space>``, a description
   in the header; bit-exact;
@@ -40,12 +41,13 @@ class SubspaceRecord:
     encoder: str = "unknown"
     clip_skip: int | None = None
     energy_kept: dict[str, float] = field(default_factory=dict)
+    sequence_length: int | None = None
 
 
 def record_of(subspace) -> SubspaceRecord:
     """The record of anything with a subspace's attributes (``bases``, ``preset``, ``encoder``, ...)."""
     return SubspaceRecord(dict(subspace.bases), subspace.preset, subspace.encoder, subspace.clip_skip,
-                          dict(subspace.energy_kept))
+                          dict(subspace.energy_kept), subspace.sequence_length)
 
 
 def check_bases(bases: dict[str, torch.Tensor], source: str, error: type[Exception]) -> None:
@@ -74,6 +76,7 @@ def write_file(path: str | Path, rec: SubspaceRecord) -> None:
     meta = {
         "format": FILE_FORMAT, "version": __version__, "encoder": rec.encoder,
         "clip_skip": "" if rec.clip_skip is None else str(rec.clip_skip),
+        "sequence_length": "" if rec.sequence_length is None else str(rec.sequence_length),
         "spaces": json.dumps({s: {"dim": int(u.shape[0]), "rank": int(u.shape[1]),
                                   "energy_kept": rec.energy_kept.get(s)} for s, u in sorted(rec.bases.items())}),
         "preset_name": rec.preset.name if rec.preset else "",
@@ -99,7 +102,8 @@ def read_file(path: str | Path) -> SubspaceRecord:
     except (ValueError, TypeError, AttributeError, KeyError):
         raise SafetensorsFileError(f"{path}: metadata 'spaces' is malformed") from None
     clip_skip = int(meta["clip_skip"]) if meta.get("clip_skip", "").isdigit() else None
-    return SubspaceRecord(bases, preset, meta.get("encoder", "unknown"), clip_skip, kept)
+    length = int(meta["sequence_length"]) if meta.get("sequence_length", "").isdigit() else None
+    return SubspaceRecord(bases, preset, meta.get("encoder", "unknown"), clip_skip, kept, length)
 
 
 # JSON document --------------------------------------------------------------------------------------
@@ -111,6 +115,7 @@ def to_json(rec: SubspaceRecord) -> dict[str, Any]:
                   for s, u in sorted(rec.bases.items())},
         "encoder": rec.encoder,
         "clip_skip": rec.clip_skip,
+        "sequence_length": rec.sequence_length,
         "energy_kept": dict(rec.energy_kept),
         "preset_toml": rec.preset.toml_text if rec.preset is not None else "",
         "preset_source": rec.preset.source if rec.preset is not None else "",
@@ -133,8 +138,10 @@ def from_json(doc: dict[str, Any], source: str = "callback state") -> SubspaceRe
         raise SubspaceError(f"{source}: malformed subspace ({exc})") from None
     check_bases(bases, source, SubspaceError)
     preset = _preset(doc.get("preset_toml") or "", None, doc.get("preset_source") or f"<{source}>", SubspaceError)
+    length = doc.get("sequence_length")
     return SubspaceRecord(bases, preset, doc.get("encoder", "unknown"), doc.get("clip_skip"),
-                          {k: float(v) for k, v in (doc.get("energy_kept") or {}).items()})
+                          {k: float(v) for k, v in (doc.get("energy_kept") or {}).items()},
+                          length if isinstance(length, int) and not isinstance(length, bool) else None)
 
 
 # header keys ----------------------------------------------------------------------------------------
@@ -161,6 +168,8 @@ def to_header(rec: SubspaceRecord, prefix: str) -> dict[str, str]:
         prefix + "ranks": json.dumps({s: int(u.shape[1]) for s, u in sorted(rec.bases.items())}),
         prefix + "energy_kept": json.dumps({s: round(v, 6) for s, v in sorted(rec.energy_kept.items())}),
     }
+    if rec.sequence_length is not None:
+        meta[prefix + "sequence_length"] = str(rec.sequence_length)
     if rec.preset is not None:
         p = rec.preset
         meta.update({prefix + "preset_name": p.name, prefix + "preset_version": p.version,

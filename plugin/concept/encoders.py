@@ -1,8 +1,8 @@
 """A model family's text encoders, read the way its denoiser reads them (one path for training and concepts).
 
 ``TextEncoders.conditioning`` gives the text states and pooled embedding a pipeline feeds its
-UNet or transformer; ``TextEncoders.encode`` gives the same, float64 on the CPU, with the
-sequence segments ``concept_rows`` needs. Families (``FAMILIES``):
+UNet or transformer; ``TextEncoders.encode`` gives the same computed in float32 (whatever dtype the
+weights are kept in), float64 on the CPU, with the sequence segments ``concept_rows`` needs. Families (``FAMILIES``):
 
 - ``single``: one encoder (SD1.x/2.x CLIP; or one BERT/T5-style encoder);
 - ``sdxl``: CLIP-L and CLIP-G layer ``-clip_skip`` (default 2) concatenated, pooled from CLIP-G;
@@ -18,6 +18,7 @@ applies to CLIP encoders only; SD1.x/2.x apply the final layer norm to a skipped
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -25,6 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from concept_exclusion.concept.precision import float32_compute
 from concept_exclusion.errors import SubspaceError
 
 CONTEXT = "context"
@@ -137,6 +139,12 @@ class TextEncoders:
                 self._lengths[i] = segment.length
         self.max_length = self.segments[0].length
 
+    @property
+    def sequence_length(self) -> int | None:
+        """The length the T5/BERT encoder's states are read at (None: every encoder is CLIP, always 77)."""
+        lengths = [n for n, enc in zip(self._lengths, self.encoders) if not is_clip(enc)]
+        return lengths[0] if lengths else None
+
     def _natural_length(self, i: int, override: int | None) -> int:
         if override is not None and not is_clip(self.encoders[i]):
             return int(override)
@@ -200,13 +208,18 @@ class TextEncoders:
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 32) -> Encoded:
-        """``conditioning`` in batches, float64 on the CPU, with the segments of the sequence."""
+        """``conditioning`` in batches, computed in float32 whatever the encoders' dtype (``float32_compute``: the
+        same weights give the same rows in a bf16 trainer and a float32 audit), returned float64 on the CPU, with
+        the segments of the sequence."""
         hidden, pooled = [], []
-        for i in range(0, len(texts), batch_size):
-            h, p = self.conditioning(texts[i:i + batch_size])
-            hidden.append(h.double().cpu())
-            if p is not None:
-                pooled.append(p.double().cpu())
+        with contextlib.ExitStack() as stack:
+            for enc in self.encoders:
+                stack.enter_context(float32_compute(enc))
+            for i in range(0, len(texts), batch_size):
+                h, p = self.conditioning(texts[i:i + batch_size])
+                hidden.append(h.double().cpu())
+                if p is not None:
+                    pooled.append(p.double().cpu())
         return Encoded(torch.cat(hidden), torch.cat(pooled) if pooled else None, self.segments)
 
     def span(self, template: str, phrase: str, segment: Segment | None = None) -> tuple[int, int]:

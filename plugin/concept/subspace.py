@@ -55,6 +55,7 @@ class ConceptSubspace:
     encoder: str = "unknown"
     clip_skip: int | None = None
     energy_kept: dict[str, float] = field(default_factory=dict)
+    sequence_length: int | None = None  # the T5/BERT length the concept was read at (None: CLIP only)
     _encoders: TextEncoders | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,15 +103,16 @@ class ConceptSubspace:
         p = preset.projection
         rows = concept_rows(preset.concepts, encoders, p.tokens)
         keep = concept_rows(preset.preserve, encoders, p.tokens) if preset.preserve else {}
-        sub = cls.from_rows(rows, preset, keep, encoder=encoders.identity, clip_skip=encoders.clip_skip)
+        sub = cls.from_rows(rows, preset, keep, encoder=encoders.identity, clip_skip=encoders.clip_skip,
+                            sequence_length=encoders.sequence_length)
         sub._encoders = encoders
         return sub
 
     @classmethod
     def from_rows(cls, rows: dict[str, torch.Tensor], preset: Preset | None = None,
                   preserve_rows: dict[str, torch.Tensor] | None = None, *, energy: float | None = None,
-                  max_rank: int | None = None, encoder: str = "custom", clip_skip: int | None = None
-                  ) -> "ConceptSubspace":
+                  max_rank: int | None = None, encoder: str = "custom", clip_skip: int | None = None,
+                  sequence_length: int | None = None) -> "ConceptSubspace":
         """Build from embedding rows per space; ``preserve_rows`` spans are removed first."""
         energy = energy if energy is not None else (preset.projection.energy if preset else 0.99)
         max_rank = max_rank if max_rank is not None else (preset.projection.max_rank if preset else 128)
@@ -127,7 +129,7 @@ class ConceptSubspace:
                     raise SubspaceError(f"space {space!r}: the [[preserve]] concepts cover the excluded concepts "
                                         f"entirely; nothing would be excluded")
             bases[space], kept[space] = orthonormal_basis(r, energy, max_rank)
-        return cls(bases, preset, encoder, clip_skip, kept)
+        return cls(bases, preset, encoder, clip_skip, kept, sequence_length)
 
     def recompute(self) -> "ConceptSubspace":
         """Re-encode the preset with the same (possibly trained) encoders."""

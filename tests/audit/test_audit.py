@@ -21,7 +21,7 @@ from concept_exclusion.lora.file import effective_delta, layer_key, read_lora, s
 from concept_exclusion.metadata import PREFIX, read_basis, subspace_metadata
 from concept_exclusion.safeio import write_safetensors
 
-from helpers import make_preset  # noqa: E402
+from helpers import make_preset, message_lines  # noqa: E402
 
 ALPHA, RANK = 8, 4
 
@@ -171,6 +171,17 @@ def test_without_base_the_verdict_is_unverified(sd, peft_state, preset_file, tmp
     write_safetensors(tmp_path / "bare.safetensors", dirty, {})
     rc, out, err = _run(capsys, "audit", tmp_path / "bare.safetensors")
     assert rc == 3 and "nothing could be measured" in out
+
+
+def test_a_t5_length_for_a_clip_only_base_is_one_line_and_exit_2(sd, peft_state, preset_file, tmp_path, capsys):
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    write_safetensors(tmp_path / "l.safetensors", convert_state_dict_to_kohya({f"unet.{k}": v for k, v in
+                                                                              peft_state.items()}), {})
+    rc, out, err = _run(capsys, "audit", tmp_path / "l.safetensors", "--base", sd.root, "--preset", preset_file,
+                        "--max-sequence-length", "64")
+    lines = message_lines(err)
+    assert rc == 2 and out == "" and len(lines) == 1 and "text encoders are all CLIP" in lines[0]
 
 
 def test_inspect_prints_provenance_readably(sd, tmp_path, capsys):

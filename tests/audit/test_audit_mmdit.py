@@ -14,7 +14,8 @@ import torch
 
 from concept_exclusion import ConceptSubspace
 from concept_exclusion.commands.main import main as cli_main
-from concept_exclusion.safeio import write_safetensors
+from concept_exclusion.metadata import subspace_metadata
+from concept_exclusion.safeio import read_safetensors, write_safetensors
 
 from helpers import WORDS, make_preset  # noqa: E402
 
@@ -84,10 +85,10 @@ def _write(model, name: str, factors, layout: str) -> Path:
     return path
 
 
-def _audit(capsys, model, path) -> tuple[int, dict]:
+def _audit(capsys, model, path, *extra: str) -> tuple[int, dict]:
     capsys.readouterr()
     rc = cli_main(["audit", str(path), "--preset", str(model["root"] / "logo.toml"), "--base",
-                   str(model["root"] / "base"), "--json"])
+                   str(model["root"] / "base"), "--json", *extra])
     return rc, json.loads(capsys.readouterr().out)
 
 
@@ -103,6 +104,29 @@ def test_text_readers_are_judged_against_the_preset(model, capsys, layout):
     assert max(r["share"] for r in report["layers"] if r["role"].startswith("joint_")) < 1e-5
     elsewhere = [r["name"] for r in report["layers"] if r["role"] == "elsewhere"]
     assert len(elsewhere) == 1  # listed, not measured: it does not read the encoders' output
+
+
+def test_the_t5_length_is_the_users_to_state_and_the_files_claim_is_compared(model, capsys):
+    """T5 reads the concept differently at another sequence length (its padding positions are rows), so a file kept
+    off the concept read at 16 tokens is judged against the base read at 16 tokens when the user says so; audited
+    at the tokenizer's length instead, the file's own record of 16 is named in a note."""
+    toks = [t for t in (model["pipe"].tokenizer, getattr(model["pipe"], "tokenizer_2", None),
+                        getattr(model["pipe"], "tokenizer_3", None)) if t]
+    encs = [e for e in (model["pipe"].text_encoder, getattr(model["pipe"], "text_encoder_2", None),
+                        getattr(model["pipe"], "text_encoder_3", None)) if e]
+    short = ConceptSubspace.from_encoders(make_preset(max_rank=8), toks, encs, max_length=16)
+    assert short.sequence_length == 16 and model["subspace"].sequence_length == toks[-1].model_max_length
+    factors = _factors({**model, "subspace": short}, True, 4)
+    path = _write(model, "short", factors, "peft")
+    tensors, _ = read_safetensors(path)
+    write_safetensors(path, tensors, subspace_metadata(short))
+    rc, report = _audit(capsys, model, path, "--max-sequence-length", "16")
+    assert rc == 0 and report["sequence_length"] == 16 and report["claims"]["sequence_length"] == "16"
+    assert max(r["share"] for r in report["layers"] if r["checked"]) < 1e-5
+    assert not any("T5 length" in n for n in report["notes"])
+    rc, report = _audit(capsys, model, path)
+    assert report["sequence_length"] == toks[-1].model_max_length != 16
+    assert any("read at T5 length 16" in n and "--max-sequence-length 16" in n for n in report["notes"])
 
 
 def test_without_base_a_flux_file_is_listed_and_unverified(model, capsys):

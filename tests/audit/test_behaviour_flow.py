@@ -104,12 +104,11 @@ def _changes(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: after[k] - before[k] for k in before if not torch.equal(after[k], before[k])}
 
 
+@pytest.mark.parametrize("model", ["flux"], indirect=True)
 def test_kohya_flux_block_names_apply_as_diffusers_loads_them(model):
     """sd-scripts' ``networks.lora_flux`` names (double/single blocks) against diffusers' own kohya-Flux loader
     (``load_lora_weights`` + ``fuse_lora``); its converter splits ``linear1`` at FLUX.1's fixed widths, so that
     layer, and the final layer's adaLN (BFL's shift, scale; diffusers' scale, shift), are checked by their rows."""
-    if model["name"] != "flux":
-        pytest.skip("Flux names")
     from diffusers import DiffusionPipeline
 
     t = model["base"].denoiser
@@ -149,12 +148,11 @@ def test_kohya_flux_block_names_apply_as_diffusers_loads_them(model):
     assert torch.allclose(changed["norm_out.linear.weight"], torch.cat([scale, shift]), atol=1e-6)
 
 
+@pytest.mark.parametrize("model", ["sd3"], indirect=True)
 def test_kohya_sd3_block_names_split_as_diffusers_converts_sai_checkpoints(model):
     """sd-scripts' ``networks.lora_sd3`` names (SAI's ``joint_blocks``) as diffusers' single-file converter maps SAI
     weights: x_block qkv -> to_q/k/v, context_block qkv -> add_q/k/v_proj, the last context block's adaLN with its
     two halves swapped (diffusers' AdaLayerNormContinuous)."""
-    if model["name"] != "sd3":
-        pytest.skip("SD3 names")
     t = model["base"].denoiser
     last = len(t.transformer_blocks) - 1
     width = t.transformer_blocks[0].attn.to_q.in_features

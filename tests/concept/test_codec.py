@@ -17,7 +17,8 @@ def subspace():
     g = torch.Generator().manual_seed(0)
     rows = {"context": torch.randn(12, 16, generator=g, dtype=torch.float64),
             "pooled": torch.randn(5, 8, generator=g, dtype=torch.float64)}
-    return ConceptSubspace.from_rows(rows, make_preset(max_rank=4), encoder="test-encoder", clip_skip=2)
+    return ConceptSubspace.from_rows(rows, make_preset(max_rank=4), encoder="test-encoder", clip_skip=2,
+                                     sequence_length=64)
 
 
 def test_file_and_json_are_bit_exact(subspace, tmp_path):
@@ -26,11 +27,12 @@ def test_file_and_json_are_bit_exact(subspace, tmp_path):
         back = ConceptSubspace(**vars(rec))
         assert back.sha256 == subspace.sha256 and back.preset.sha256 == subspace.preset.sha256
         assert (back.encoder, back.clip_skip, back.energy_kept) == ("test-encoder", 2, subspace.energy_kept)
+        assert back.sequence_length == 64
 
 
 def test_header_keys_hold_the_bases_in_float16(subspace):
     meta = to_header(record_of(subspace), PREFIX)
-    assert all(isinstance(v, str) for v in meta.values())
+    assert all(isinstance(v, str) for v in meta.values()) and meta[PREFIX + "sequence_length"] == "64"
     for space, u in subspace.bases.items():
         back = read_basis(meta, space)
         assert back.shape == u.shape and float((back.T @ u).abs().diagonal().min()) > 1 - 1e-3
