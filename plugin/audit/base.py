@@ -15,6 +15,7 @@ from pathlib import Path
 
 from concept_exclusion.audit.base_model import BaseModel, base_model
 from concept_exclusion.audit.bases import load_named, registered
+from concept_exclusion.audit.checkpoint import CheckpointTensors, model_class, skeleton
 from concept_exclusion.concept.encoders import FAMILIES
 from concept_exclusion.concept.model_folder import load_text_encoders
 from concept_exclusion.errors import AuditError, ModelFolderError
@@ -29,12 +30,13 @@ def load_base(source: str | Path, base_config: str | Path | None = None) -> Base
     """A diffusers folder (``tokenizer/``, ``text_encoder/``, ``unet/``) or a ``.safetensors`` single file
     (kohya/A1111 layout; needs ``base_config``, a diffusers folder with the component configs)."""
     root = Path(source)
-    parts = None
+    parts, fill = None, None
     if root.is_file():
         toks, encs, net, parts = _single_file(root, base_config)
         kind = "single file"
     elif root.is_dir() and (root / "transformer").is_dir() and not (root / "unet").is_dir():
         toks, encs, net = _dit_folder(root)
+        fill = CheckpointTensors(root / "transformer", net)  # the weight check reads a few layers' weights
         parts = functools.cache(lambda: _vae_and_scheduler(root, flow=True))
         kind = "diffusers folder"
     elif root.is_dir() and all((root / d).is_dir() for d in ("tokenizer", "text_encoder", "unet")):
@@ -47,18 +49,25 @@ def load_base(source: str | Path, base_config: str | Path | None = None) -> Base
         raise AuditError(f"--base {root}: not a diffusers model folder (needs tokenizer/, text_encoder/ and "
                          f"unet/, or transformer/) nor a .safetensors checkpoint")
     base = base_model(str(root), kind, toks, encs, net)
+    base.fill = fill
     if parts is not None:
-        base.denoising = lambda clip_skip: _denoising(base, parts, clip_skip)
+        base.denoising = lambda clip_skip: _denoising(base, root, parts, clip_skip)
     return base
 
 
 def _dit_folder(root: Path):
-    """A Flux or SD3 pipeline folder: its tokenizers and encoders in pipeline order, and its transformer."""
+    """A Flux or SD3 pipeline folder: its tokenizers and encoders in pipeline order, and its transformer built from
+    its config without weights (``CheckpointTensors`` reads the layers the audit measures; the behavioural check
+    loads it whole)."""
     from diffusers import DiffusionPipeline
 
     try:
-        # the weight check reads the encoders and the transformer; the VAE is never loaded
-        pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, use_safetensors=True, vae=None)
+        # the weight check reads the encoders and a few transformer layers; the VAE is never loaded for it
+        pipe = DiffusionPipeline.from_pretrained(str(root), local_files_only=True, use_safetensors=True, vae=None,
+                                                 transformer=None)
+        net = skeleton(root / "transformer")
+    except ModelFolderError as exc:
+        raise AuditError(f"--base {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
         raise AuditError(f"--base {root}: cannot load the pipeline from safetensors ({_first_line(exc)})") from None
     toks, encs = [], []
@@ -67,9 +76,9 @@ def _dit_folder(root: Path):
         if enc is not None and tok is not None:
             toks.append(tok)
             encs.append(enc.eval().requires_grad_(False))
-    if not encs or getattr(pipe, "transformer", None) is None:
-        raise AuditError(f"--base {root}: a {type(pipe).__name__} without text encoders or transformer")
-    return toks, encs, pipe.transformer
+    if not encs:
+        raise AuditError(f"--base {root}: a {type(pipe).__name__} without text encoders")
+    return toks, encs, net
 
 
 def _folder(root: Path):
@@ -127,16 +136,29 @@ def _vae_and_scheduler(root: Path, flow: bool):
     return vae, scheduler
 
 
-def _denoising(base: BaseModel, parts, clip_skip: int | None):
-    """The base as its training objective: a UNet's (``behaviour.unet``) or a Flux/SD3 transformer's (``.flow``)."""
+def _denoising(base: BaseModel, root: Path, parts, clip_skip: int | None):
+    """The base as its training objective: a UNet's (``behaviour.unet``) or a Flux/SD3 transformer's (``.flow``,
+    the transformer loaded whole first)."""
     vae, scheduler = parts()
     if base.family in ("flux", "sd3"):
         from concept_exclusion.audit.behaviour.flow import FlowDenoising
 
+        if base.fill is not None:
+            base.use_denoiser(_whole_transformer(root))
         return FlowDenoising(base.denoiser, vae, scheduler, base.text_encoders(clip_skip))
     from concept_exclusion.audit.behaviour.unet import UNetDenoising
 
     return UNetDenoising(base.denoiser, vae, scheduler, base.text_encoders(clip_skip))
+
+
+def _whole_transformer(root: Path):
+    """The transformer with its weights, from safetensors."""
+    try:
+        return model_class(root / "transformer").from_pretrained(str(root / "transformer"), local_files_only=True,
+                                                                 use_safetensors=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is unusable input, reported in one line
+        raise AuditError(f"--base {root}: cannot load the transformer from safetensors ({_first_line(exc)})"
+                         ) from None
 
 
 def clip_skips(base: BaseModel, requested: int | None) -> tuple[int | None, ...]:

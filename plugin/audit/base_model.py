@@ -42,6 +42,8 @@ class BaseModel:
     # builds the behavioural check's DenoisingBase for a clip_skip (None: not available for this base)
     denoising: Callable[[int | None], object] | None = None
     sequence_length: int | None = None  # the T5/BERT length prompts are read at (None: the tokenizer's own)
+    # reads one layer's weights into a denoiser built without them (None: the denoiser is loaded whole)
+    fill: Callable[[torch.nn.Module], None] | None = None
 
     @property
     def depth(self) -> int:
@@ -67,6 +69,21 @@ class BaseModel:
         found = self.parts(key)
         return found[0].module if found is not None and len(found) == 1 else None
 
+    def weight(self, key: str) -> torch.Tensor | None:
+        """The base weight of the layer a kohya-spelled key names (read from the checkpoint on demand when the
+        denoiser was built without its weights), or None."""
+        module = self.module(key)
+        if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            return None
+        if self.fill is not None:
+            self.fill(module)
+        return module.weight
+
+    def use_denoiser(self, denoiser: torch.nn.Module) -> None:
+        """Put the whole denoiser (weights loaded) in place of one built without them."""
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.modules, self.fill = index_modules(self.denoiser), None
+
     def parts(self, key: str) -> list[Part] | None:
         """The denoiser layers whose weights stack (rows, in order) into the layer a kohya-spelled key names: one
         for most names, several for a BFL/SAI fused layer (``qkv``, Flux's ``linear1``); None if any is missing."""
@@ -88,12 +105,17 @@ class BaseModel:
         return parts
 
 
+def index_modules(net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """A denoiser's layers by kohya name (``lora_unet_`` + the diffusers path with ``_``)."""
+    return {"lora_unet_" + n.replace(".", "_"): m for n, m in net.named_modules() if n}
+
+
 def base_model(source: str, kind: str, tokenizers, encoders, denoiser: torch.nn.Module,
                denoising: Callable[[int | None], object] | None = None) -> BaseModel:
     """A ``BaseModel`` of these parts: the denoiser frozen in eval mode, its layers indexed by kohya name (the
     constructor a registered base uses too)."""
     net = denoiser.eval().requires_grad_(False)
-    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in net.named_modules() if n}
+    modules = index_modules(net)
     config = getattr(net, "config", None)
     lpb = getattr(config, "layers_per_block", None) if config is not None else None
     lpb = lpb[0] if isinstance(lpb, (list, tuple)) else lpb

@@ -37,15 +37,12 @@ def _ratio(part: torch.Tensor, whole: torch.Tensor) -> float:
     return _norm(part) / den if den > 0 else 0.0
 
 
-def _weight(base: BaseModel | None, module: str) -> tuple[torch.Tensor | None, bool]:
-    """(the base weight of a Linear layer, whether the layer exists in the base model)."""
-    if base is None:
-        return None, False
-    m = base.module(module)
-    if m is None:
-        return None, False
-    w = getattr(m, "weight", None)
-    return (w.detach().double() if isinstance(m, torch.nn.Linear) and w is not None else None), True
+def _weight(base: BaseModel | None, module: str) -> torch.Tensor | None:
+    """The base weight of a Linear layer (float64), or None; read only for the layers that are measured."""
+    if base is None or not isinstance(base.module(module), torch.nn.Linear):
+        return None
+    w = base.weight(module)
+    return None if w is None else w.detach().double()
 
 
 def _share(role_name: str, dw: torch.Tensor, bases: Bases, attn: torch.nn.Module | None) -> tuple[float | None, str]:
@@ -119,7 +116,7 @@ def measure_file(lora: LoraFile, base: BaseModel | None, spaces: list[tuple[Base
 
 def _measure_module(lora: LoraFile, module: str, role_name: str | None, adapters: list, base: BaseModel | None,
                     spaces: list[tuple[Bases, Bases]], checked_roles: set[str], dit: bool) -> LayerReport:
-    w0, found = _weight(base, module)
+    found = base is not None and base.module(module) is not None
     text = reads_text(role_name)
     attention = constrained_by_heads(role_name)
     report = LayerReport(module, role_name or "elsewhere", [], checked=text or (attention and role_name in checked_roles))
@@ -138,6 +135,7 @@ def _measure_module(lora: LoraFile, module: str, role_name: str | None, adapters
     if not (text or attention):
         report.kinds = sorted({a.spelling for a in adapters})
         return report  # a layer that does not read the text states: listed, not measured
+    w0 = _weight(base, module)
     formed = [effective_delta(lora, a, w0) for a in adapters]
     report.kinds = [f.kind for f in formed]
     missing = [f.reason for f in formed if f.delta is None and f.kind != "bias"]

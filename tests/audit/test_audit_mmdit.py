@@ -17,7 +17,7 @@ from concept_exclusion.commands.main import main as cli_main
 from concept_exclusion.metadata import subspace_metadata
 from concept_exclusion.safeio import read_safetensors, write_safetensors
 
-from helpers import WORDS, make_preset  # noqa: E402
+from helpers import WORDS, make_preset, message_lines  # noqa: E402
 
 # (module in diffusers' names, in kohya's, in BFL's) for Flux's two text readers
 FLUX_READERS = {"context": ("context_embedder", "lora_unet_txt_in", "txt_in"),
@@ -127,6 +127,37 @@ def test_the_t5_length_is_the_users_to_state_and_the_files_claim_is_compared(mod
     rc, report = _audit(capsys, model, path)
     assert report["sequence_length"] == toks[-1].model_max_length != 16
     assert any("read at T5 length 16" in n and "--max-sequence-length 16" in n for n in report["notes"])
+
+
+def test_the_weight_check_reads_only_the_layers_it_measures(model):
+    """The transformer is built from its config without weights; a measured layer's weights are read from the
+    folder's safetensors when asked for (FLUX.1-dev's transformer is 24 GB; its text readers are megabytes)."""
+    from concept_exclusion.audit.base import load_base
+
+    base = load_base(model["root"] / "base")
+    assert all(p.device.type == "meta" for p in base.denoiser.parameters())
+    weight = base.weight("lora_unet_txt_in" if model["name"] == "flux" else "lora_unet_context_embedder")
+    assert torch.equal(weight, model["pipe"].transformer.context_embedder.weight)
+    read = [n for n, p in base.denoiser.named_parameters() if p.device.type != "meta"]
+    assert read == ["context_embedder.weight", "context_embedder.bias"]  # that layer only
+
+
+def test_a_checkpoint_without_a_measured_layer_is_one_line_and_exit_2(model, capsys, tmp_path):
+    import shutil
+
+    from concept_exclusion.safeio import read_safetensors as read
+
+    damaged = tmp_path / "base"
+    shutil.copytree(model["root"] / "base", damaged)
+    weights = damaged / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors, meta = read(weights)
+    del tensors["context_embedder.weight"]
+    write_safetensors(weights, tensors, meta)
+    capsys.readouterr()
+    rc = cli_main(["audit", str(_write(model, "damaged", _factors(model, True, 5), "peft")), "--preset",
+                   str(model["root"] / "logo.toml"), "--base", str(damaged), "--no-behaviour"])
+    lines = message_lines(capsys.readouterr().err)
+    assert rc == 2 and len(lines) == 1 and "context_embedder.weight" in lines[0], lines
 
 
 def test_without_base_a_flux_file_is_listed_and_unverified(model, capsys):

@@ -95,6 +95,7 @@ def _factors(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 def _changes(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weight -> change when a kohya file of ``tensors`` is applied with the check's own ``applied``."""
     base, path = model["base"], model["root"] / "kohya-names.safetensors"
+    base.denoising(_skip(model))  # as the check does: the transformer loaded whole first
     write_safetensors(path, tensors, {})
     before = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
     with applied(read_lora(path), base, {}) as done:

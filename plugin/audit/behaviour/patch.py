@@ -95,6 +95,9 @@ def _parts(name: str, base: BaseModel, text_modules: dict[str, torch.nn.Module])
         parts = [Part(text_modules[name])] if name in text_modules else None
     else:
         parts = base.parts(name)
+        for part in parts or ():
+            if base.fill is not None:  # a denoiser built without weights: this layer's are read now
+                base.fill(part.module)
     if parts is None or not all(isinstance(getattr(p.module, "weight", None), torch.Tensor) for p in parts):
         return None
     return parts
