@@ -48,7 +48,8 @@ class CheckpointTensors:
         index = folder / (WEIGHTS + ".index.json")
         if index.is_file():
             try:
-                self.files = {k: folder / v for k, v in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+                shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.files = {k: folder / v for k, v in shards.items()}
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise ModelFolderError(f"{index}: not a readable shard index") from None
         else:
@@ -83,4 +84,4 @@ class CheckpointTensors:
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ModelFolderError(f"{self.folder}: {key} is {list(tensor.shape)}, its config says "
                                        f"{list(param.shape)}")
-            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+            setattr(module, name, nn.Parameter(tensor, requires_grad=False))

@@ -119,7 +119,8 @@ def _measure_module(lora: LoraFile, module: str, role_name: str | None, adapters
     found = base is not None and base.module(module) is not None
     text = reads_text(role_name)
     attention = constrained_by_heads(role_name)
-    report = LayerReport(module, role_name or "elsewhere", [], checked=text or (attention and role_name in checked_roles))
+    report = LayerReport(module, role_name or "elsewhere", [],
+                         checked=text or (attention and role_name in checked_roles))
     if base is not None and not found:
         if dit and not text and _BFL_BLOCKS.search(module):
             report.kinds = sorted({a.spelling for a in adapters})

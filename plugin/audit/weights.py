@@ -1,10 +1,10 @@
 """``concept-exclusion audit``: check any LoRA file against a trusted preset and a trusted base model.
 
-Trust model: the verdict depends only on what the user supplies (``--preset``, ``--base``,
-``--threshold``, ``--targets``, ``--clip-skip``, ``--max-sequence-length``) and on the file's tensors. The file's
-own basis, preset, clip_skip, sequence length and target list are claims, shown and compared, never used to decide. Without
-``--base`` the result is UNVERIFIED (exit 3); an unknown clip_skip is checked at every plausible value
-(1 and 2 for SD1/2; SDXL reads the penultimate layer) and the worst counts. Verdicts and exit codes:
+Trust model: the verdict depends only on what the user supplies (``--preset``, ``--base``, ``--threshold``,
+``--targets``, ``--clip-skip``, ``--max-sequence-length``) and on the file's tensors. The file's own basis, preset,
+clip_skip, sequence length and target list are claims, shown and compared, never used to decide. Without ``--base``
+the result is UNVERIFIED (exit 3); an unknown clip_skip is checked at every plausible value (1 and 2 for SD1/2;
+SDXL reads the penultimate layer) and the worst counts. Verdicts and exit codes:
 ``audit_report``. Reading: ``lora_keys``/``lora_file``; base model: ``audit_base``; measuring:
 ``audit_measure``; printing: ``audit_format``; the commands: ``audit_cmd``.
 """
@@ -153,7 +153,8 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
         file=str(path), layout=lora.layout, threshold=threshold, target_sets=sets, verified=base_model is not None,
         preset=None if preset is None else {"name": preset.name, "sha256": preset.sha256, "source": preset.source},
         base=None if base_model is None else {"source": base_model.source, "kind": base_model.kind},
-        clip_skips=tuple(skips), sequence_length=length, layers=layers, unknown_keys=list(lora.unknown), claims=read_claims(lora.metadata),
+        clip_skips=tuple(skips), sequence_length=length, layers=layers, unknown_keys=list(lora.unknown),
+        claims=read_claims(lora.metadata),
         notes=notes, ranks={s: int(u.shape[1]) for s, u in sorted(spaces[0][0].items())} if spaces else {},
         by_clip_skip=by_skip, behaviour=behaviour_report, behaviour_note=skipped)
 

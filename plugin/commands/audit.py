@@ -58,9 +58,11 @@ def register_audit(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Report per layer the share of a LoRA's change that acts on the concept subspace "
                     "(||dW U||/||dW||), the subspace re-encoded from the trusted --preset with the trusted --base "
-                    "model. The file's own basis, preset, clip_skip and targets are claims, never inputs.",
+                    "model, and (behavioural check) whether the file makes the base better at drawing the concept. "
+                    "The file's own basis, preset, clip_skip, T5 length and targets are claims, never inputs.",
         epilog=EXIT_HELP)
-    p.add_argument("lora", help="LoRA .safetensors (kohya, diffusers, PEFT, LyCORIS; SD1/2, SDXL; Flux/SD3 listed)")
+    p.add_argument("lora", help="LoRA .safetensors (kohya, diffusers, PEFT, LyCORIS, ai-toolkit, BFL; SD1/2, SDXL, "
+                                "SD3, Flux)")
     p.add_argument("--preset", help="the trusted concept preset (.toml or shipped name)")
     p.add_argument("--base", help="the trusted base model: a local diffusers folder or a .safetensors checkpoint")
     p.add_argument("--base-config", help="for a single-file --base: a diffusers folder with the component configs")

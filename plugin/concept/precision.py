@@ -29,7 +29,8 @@ class _Upcast:
 
     def up(self, tensors) -> None:
         for t in tensors:
-            if t.is_floating_point() and t.dtype != torch.float32 and t.device.type != "meta" and id(t) not in self.kept:
+            if t.is_floating_point() and t.dtype != torch.float32 and t.device.type != "meta" \
+                    and id(t) not in self.kept:
                 self.kept[id(t)] = (t, t.data)
                 t.data = t.data.float()
 

@@ -2,8 +2,8 @@
 
 Every adapter of a layer is applied (their sum, multiplier 1, as a loader that reads the file applies it), on the
 denoiser and on the text encoders; a BFL/SAI fused layer (Flux/SD3 ``qkv``, ``linear1``) is split over the
-diffusers layers that hold its rows (``BaseModel.parts``). Invariant: on leaving the block every weight holds, bit for bit, what it held
-before (the originals are kept and copied back, never subtracted).
+diffusers layers that hold its rows (``BaseModel.parts``). Invariant: on leaving the block every weight holds, bit
+for bit, what it held before (the originals are kept and copied back, never subtracted).
 """
 
 from __future__ import annotations
