@@ -55,13 +55,15 @@ class BaseModel:
         return TextEncoders(self.tokenizers, self.encoders, clip_skip, family=self.family,
                             max_length=self.sequence_length)
 
-    def read_at(self, sequence_length: int | None) -> None:
-        """Read prompts at this T5/BERT length from now on (``AuditError`` for a base whose encoders are all CLIP,
-        which always read 77 tokens)."""
-        if sequence_length is not None and self.text_encoders(None).sequence_length is None:
+    def read_at(self, sequence_length: int | None) -> int | None:
+        """Read prompts at this T5/BERT length from now on (None: the tokenizer's own); returns the length read at
+        (None: every encoder is CLIP). ``AuditError`` for a length asked of a base whose encoders are all CLIP."""
+        natural = self.text_encoders(None).sequence_length
+        if sequence_length is not None and natural is None:
             raise AuditError(f"--max-sequence-length {sequence_length}: this base's text encoders are all CLIP "
                              f"(77 tokens); the length applies to T5/BERT encoders (Flux, SD3)")
         self.sequence_length = sequence_length
+        return natural if sequence_length is None else sequence_length
 
     def module(self, key: str) -> torch.nn.Module | None:
         """The denoiser layer a kohya-spelled key names (diffusers, SAI or BFL paths; None for a BFL/SAI layer that
@@ -69,15 +71,12 @@ class BaseModel:
         found = self.parts(key)
         return found[0].module if found is not None and len(found) == 1 else None
 
-    def weight(self, key: str) -> torch.Tensor | None:
-        """The base weight of the layer a kohya-spelled key names (read from the checkpoint on demand when the
-        denoiser was built without its weights), or None."""
-        module = self.module(key)
-        if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
-            return None
+    def load(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` (a denoiser layer) with its weights in memory: read from the checkpoint now when the denoiser
+        was built without them."""
         if self.fill is not None:
             self.fill(module)
-        return module.weight
+        return module
 
     def use_denoiser(self, denoiser: torch.nn.Module) -> None:
         """Put the whole denoiser (weights loaded) in place of one built without them."""

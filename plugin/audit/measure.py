@@ -39,10 +39,8 @@ def _ratio(part: torch.Tensor, whole: torch.Tensor) -> float:
 
 def _weight(base: BaseModel | None, module: str) -> torch.Tensor | None:
     """The base weight of a Linear layer (float64), or None; read only for the layers that are measured."""
-    if base is None or not isinstance(base.module(module), torch.nn.Linear):
-        return None
-    w = base.weight(module)
-    return None if w is None else w.detach().double()
+    layer = base.module(module) if base is not None else None
+    return base.load(layer).weight.detach().double() if isinstance(layer, torch.nn.Linear) else None
 
 
 def _share(role_name: str, dw: torch.Tensor, bases: Bases, attn: torch.nn.Module | None) -> tuple[float | None, str]:

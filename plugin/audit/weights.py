@@ -121,10 +121,10 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
     sets = (targets,) if targets else (tuple(preset.projection.targets) if preset else ("kv",))
     checked = roles_in(sets)
     notes: list[str] = []
-    base_model, skips, spaces = None, (), []
+    base_model, skips, spaces, length = None, (), [], None
     if base is not None:
         base_model = load_base(base, base_config)
-        base_model.read_at(sequence_length)
+        length = base_model.read_at(sequence_length)
         skips = clip_skips(base_model, clip_skip)
         spaces = _trusted_spaces(preset, base_model, skips)
     by_skip: dict[int, float] = {}
@@ -141,7 +141,6 @@ def audit_file(path: str | Path, *, preset_path: str | None = None, base: str | 
         notes.append("no --base: the shares shown use the basis the file claims; only --base with --preset "
                      "can verify" if _claimed_spaces(lora) else "no --base: nothing could be measured; only --base "
                      "with --preset can verify")
-    length = base_model.text_encoders(None).sequence_length if base_model is not None else None
     _compare_claims(lora, preset, spaces, length, notes)
     if lora.text_encoder_modules:
         notes.append(f"the file changes {len(lora.text_encoder_modules)} text-encoder layer(s): the concept's "

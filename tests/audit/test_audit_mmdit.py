@@ -136,7 +136,8 @@ def test_the_weight_check_reads_only_the_layers_it_measures(model):
 
     base = load_base(model["root"] / "base")
     assert all(p.device.type == "meta" for p in base.denoiser.parameters())
-    weight = base.weight("lora_unet_txt_in" if model["name"] == "flux" else "lora_unet_context_embedder")
+    layer = base.module("lora_unet_txt_in" if model["name"] == "flux" else "lora_unet_context_embedder")
+    weight = base.load(layer).weight
     assert torch.equal(weight, model["pipe"].transformer.context_embedder.weight)
     read = [n for n, p in base.denoiser.named_parameters() if p.device.type != "meta"]
     assert read == ["context_embedder.weight", "context_embedder.bias"]  # that layer only

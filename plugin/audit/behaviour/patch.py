@@ -96,8 +96,7 @@ def _parts(name: str, base: BaseModel, text_modules: dict[str, torch.nn.Module])
     else:
         parts = base.parts(name)
         for part in parts or ():
-            if base.fill is not None:  # a denoiser built without weights: this layer's are read now
-                base.fill(part.module)
+            base.load(part.module)  # a denoiser built without weights: this layer's are read now
     if parts is None or not all(isinstance(getattr(p.module, "weight", None), torch.Tensor) for p in parts):
         return None
     return parts
